@@ -1,0 +1,202 @@
+"""Command-line interface: thin subcommands over the library.
+
+``main(argv)`` returns the exit status: 0 success, 1 some slides failed or an internal error,
+2 bad input (a one-line message naming the file/key and the fix; ``-v`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from daskpath import __version__
+from daskpath.errors import DaskpathError
+
+__all__ = ["main"]
+
+log = logging.getLogger("daskpath")
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("distributed").setLevel(logging.WARNING if verbosity < 2 else logging.INFO)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from daskpath.synthetic import make_cohort
+
+    manifest = make_cohort(
+        args.out_dir,
+        pairs=args.pairs,
+        size=tuple(args.size),
+        seed=args.seed,
+        layout=args.layout,
+        tile_size=args.tile_size,
+    )
+    print(f"wrote {args.pairs} synthetic pair(s); manifest: {manifest}")
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from daskpath.io import ingest
+
+    dst = ingest(args.src, args.dst, chunk_size=args.chunk_size, overwrite=args.overwrite)
+    print(f"ingested {args.src} -> {dst}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from daskpath.io import slide_info
+
+    for p in args.slides:
+        info = slide_info(p)
+        print(f"{p}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    return 0
+
+
+def _print_result(res) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        if len(res.slides):
+            cols = [c for c in res.slides.columns if c not in ("height", "width", "mpp")]
+            print(res.slides[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\noutputs in {res.output_dir}/ (tiles.parquet, slides.csv, layers/) "
+          f"in {res.seconds:.1f} s")
+    if not res.failures.empty:
+        print(f"{len(res.failures)} slide(s) failed, see {res.output_dir / 'failures.csv'}:",
+              file=sys.stderr)
+        for r in res.failures.itertuples(index=False):
+            print(f"  {r.slide} [{r.stage}]: {r.error}", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from daskpath.config import load_config
+    from daskpath.pipeline import run
+
+    cfg = load_config(args.config, args.set or [])
+    res = run(cfg, scheduler=args.scheduler, progress=not args.no_progress)
+    _print_result(res)
+    return 0 if res.ok else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from daskpath.config import load_config
+    from daskpath.pipeline import run
+    from daskpath.synthetic import make_cohort
+
+    out = Path(args.out)
+    manifest = out / "slides" / "manifest.csv"
+    if not manifest.exists() or args.fresh:
+        print(f"making a synthetic {args.size}x{args.size} slide pair in {out / 'slides'} ...")
+        make_cohort(out / "slides", pairs=args.pairs, size=(args.size, args.size), seed=args.seed)
+    overrides = [
+        f"slides={manifest}",
+        f"output_dir={out / 'results'}",
+        "cluster.n_workers=2",
+        "cluster.threads_per_worker=1",
+        "cluster.dashboard_address=127.0.0.1:0",
+        "overwrite=true",
+    ] + list(args.set or [])
+    cfg = load_config(None, overrides)
+    res = run(cfg, progress=not args.no_progress)
+    _print_result(res)
+    return 0 if res.ok else 1
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from daskpath.config import load_config
+
+    cfg = load_config(args.config, args.set or [])
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    p = argparse.ArgumentParser(
+        prog="daskpath",
+        description="Ki67 tumor ratios in whole-slide H&E / IHC pairs, at cluster scale with Dask.",
+    )
+    p.add_argument("--version", action="version", version=f"daskpath {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging; tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("synth", help="write synthetic (phantom) H&E/IHC pairs with ground truth")
+    s.add_argument("out_dir", type=Path)
+    s.add_argument("--pairs", type=int, default=1)
+    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(4096, 4096))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layout", choices=("tiled", "png", "stripped"), default="tiled",
+                   help="tiled pyramidal JPEG TIFF (default) or the flat layouts of the reference cohort")
+    s.add_argument("--tile-size", type=int, default=512)
+    s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("ingest", help="convert a flat raster (PNG, stripped TIFF) to chunked OME-Zarr")
+    s.add_argument("src", type=Path)
+    s.add_argument("dst", type=Path, nargs="?", default=None)
+    s.add_argument("--chunk-size", type=int, default=1024)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_ingest)
+
+    s = sub.add_parser("info", help="print size, tiles, mpp and levels of slides")
+    s.add_argument("slides", nargs="+", type=Path)
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("run", help="run the pipeline on the slides of a config")
+    s.add_argument("config", type=Path)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set tiles.size=2048 (repeatable)")
+    s.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("demo", help="synthetic pair + whole pipeline on a local cluster")
+    s.add_argument("--out", default="demo_out")
+    s.add_argument("--size", type=int, default=4096)
+    s.add_argument("--pairs", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fresh", action="store_true", help="regenerate the synthetic slides")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("config", help="print the merged, validated configuration")
+    s.add_argument("config", type=Path, nargs="?", default=None)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.set_defaults(func=_cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``daskpath`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbosity = -1 if args.quiet else args.verbose
+    _setup_logging(verbosity)
+    try:
+        return int(args.func(args))
+    except DaskpathError as e:
+        if args.verbose:
+            log.exception("error")
+        print(f"daskpath: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("daskpath: interrupted; finished slides are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        if args.verbose:
+            log.exception("internal error")
+        print(f"daskpath: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Configuration: one YAML of defaults shipped with the package, validated into frozen dataclasses.
+
+Precedence: package defaults < the user's YAML file < ``--set dotted.key=value`` overrides.
+Validation happens before any work starts: an unknown key, a value of the wrong type or out of
+range raises :class:`~daskpath.errors.ConfigError` naming the dotted key and the fix. Relative
+paths (``slides``, ``output_dir``, ``cache_dir``) are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daskpath.errors import ConfigError
+
+__all__ = [
+    "STAGES",
+    "Config",
+    "default_dict",
+    "load_config",
+    "parse_set",
+]
+
+STAGES = ("preprocess", "nuclei", "translate", "baselines")
+AVAILABLE_STAGES = ("preprocess",)
+CLUSTER_KINDS = ("local", "local-cuda", "slurm", "kubernetes", "address")
+AVAILABLE_CLUSTERS = ("local", "address")
+
+
+@dataclass(frozen=True)
+class TilesConfig:
+    size: int = 1024
+    min_tissue: float = 0.5
+
+
+@dataclass(frozen=True)
+class TissueConfig:
+    threshold: float = 0.06
+    sigma: float = 4.0
+
+
+@dataclass(frozen=True)
+class SsimConfig:
+    threshold: float = 0.4
+    sigma: float = 1.5
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class LayersConfig:
+    downsample: int = 8
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    kind: str = "local"
+    address: str | None = None
+    n_workers: int | None = None
+    threads_per_worker: int | None = None
+    memory_limit: str = "auto"
+    dashboard_address: str = "127.0.0.1:8787"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated run configuration (see ``configs/default.yaml`` for every key)."""
+
+    slides: str | None = None
+    output_dir: str = "daskpath_out"
+    chunk_size: int | None = None
+    cache_dir: str | None = None
+    stages: tuple[str, ...] = ("preprocess",)
+    overwrite: bool = False
+    tiles: TilesConfig = field(default_factory=TilesConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    ssim: SsimConfig = field(default_factory=SsimConfig)
+    layers: LayersConfig = field(default_factory=LayersConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML-serialisable)."""
+        d = dataclasses.asdict(self)
+        d["stages"] = list(self.stages)
+        return d
+
+
+def default_dict() -> dict[str, Any]:
+    """The package's default configuration as a nested dict (read at call time)."""
+    text = resources.files("daskpath").joinpath("default.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            close = difflib.get_close_matches(str(k), [str(b) for b in base], n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown config key '{key}'{hint}; valid keys here: "
+                f"{', '.join(prefix + str(b) for b in base)}"
+            )
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{key}' must be a mapping of sub-keys, got {v!r}")
+            out[k] = _merge(base[k], v, prefix=f"{key}.")
+        else:
+            out[k] = v
+    return out
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}': expected dotted.key=value, e.g. tiles.size=2048")
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set '{item}': empty key; expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set '{item}': '{p}' is set twice as a value and a mapping")
+        node[parts[-1]] = value
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        value = data.get(f.name)
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value or {}, prefix=f"{key}.")
+        else:
+            kwargs[f.name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    def bad(key: str, value: Any, want: str) -> ConfigError:
+        return ConfigError(f"config key '{key}' = {value!r} is invalid: {want}")
+
+    for s in cfg.stages:
+        if s not in STAGES:
+            raise bad("stages", list(cfg.stages), f"stages are {', '.join(STAGES)}")
+        if s not in AVAILABLE_STAGES:
+            raise bad(
+                "stages",
+                list(cfg.stages),
+                f"stage '{s}' is not implemented in this version (available: "
+                f"{', '.join(AVAILABLE_STAGES)})",
+            )
+    if not cfg.stages:
+        raise bad("stages", [], "give at least one stage, e.g. [preprocess]")
+    if cfg.chunk_size is not None and not 256 <= cfg.chunk_size <= 32768:
+        raise bad("chunk_size", cfg.chunk_size, "use 256..32768 px (or null for the default)")
+    if not 64 <= cfg.tiles.size <= 65536:
+        raise bad("tiles.size", cfg.tiles.size, "use 64..65536 px")
+    if not 0.0 <= cfg.tiles.min_tissue <= 1.0:
+        raise bad("tiles.min_tissue", cfg.tiles.min_tissue, "a fraction in [0, 1]")
+    if not -1.0 <= cfg.ssim.threshold <= 1.0:
+        raise bad("ssim.threshold", cfg.ssim.threshold, "SSIM is in [-1, 1]")
+    if cfg.ssim.sigma <= 0:
+        raise bad("ssim.sigma", cfg.ssim.sigma, "must be > 0 (design: 1.5)")
+    if cfg.ssim.dtype not in ("float32", "float64"):
+        raise bad("ssim.dtype", cfg.ssim.dtype, "float32 or float64")
+    if not 0 < cfg.tissue.threshold < 3:
+        raise bad("tissue.threshold", cfg.tissue.threshold, "an optical density in (0, 3)")
+    if cfg.tissue.sigma < 0:
+        raise bad("tissue.sigma", cfg.tissue.sigma, "must be >= 0 px")
+    if cfg.layers.downsample < 0:
+        raise bad("layers.downsample", cfg.layers.downsample, "0 (off) or a factor >= 1")
+    if cfg.cluster.kind not in CLUSTER_KINDS:
+        raise bad("cluster.kind", cfg.cluster.kind, f"one of {', '.join(CLUSTER_KINDS)}")
+    if cfg.cluster.kind not in AVAILABLE_CLUSTERS:
+        raise bad(
+            "cluster.kind",
+            cfg.cluster.kind,
+            f"not implemented in this version (available: {', '.join(AVAILABLE_CLUSTERS)})",
+        )
+    if cfg.cluster.n_workers is not None and cfg.cluster.n_workers < 1:
+        raise bad("cluster.n_workers", cfg.cluster.n_workers, "at least 1 (or null)")
+    if cfg.cluster.threads_per_worker is not None and cfg.cluster.threads_per_worker < 1:
+        raise bad("cluster.threads_per_worker", cfg.cluster.threads_per_worker, ">= 1 (or null)")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] | dict[str, Any] = (),
+) -> Config:
+    """Load, merge and validate a configuration.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        User YAML file; ``None`` uses the defaults only.
+    overrides : list of "dotted.key=value" strings, or a nested dict
+        Applied last (the CLI's ``--set``).
+
+    Raises
+    ------
+    ConfigError
+        Missing/unparsable file, unknown key, wrong type or out-of-range value.
+    """
+    data = default_dict()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; pass an existing YAML file")
+        try:
+            user = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {p}{where} is not valid YAML; fix its syntax") from e
+        if user is None:
+            user = {}
+        if not isinstance(user, dict):
+            raise ConfigError(f"config file {p} must be a mapping of keys, got {type(user).__name__}")
+        data = _merge(data, user)
+    over = parse_set(list(overrides)) if not isinstance(overrides, dict) else overrides
+    data = _merge(data, over)
+    cfg = _build(Config, data)
+    _check(cfg)
+    return cfg

@@ -1,0 +1,189 @@
+"""Structural similarity (SSIM) between the H&E and IHC of a pair, lazily over dask chunks.
+
+Definition (``design.md``): grayscale by :func:`skimage.color.rgb2gray` (float in [0, 1]),
+Gaussian window with ``sigma = 1.5`` truncated at ``3.5 sigma`` (radius 5 px), population
+covariance (``use_sample_covariance=False``), ``data_range = 1``, ``K1 = 0.01``, ``K2 = 0.03``,
+``mode='reflect'`` at the image border. This is exactly what
+``skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False, data_range=1, full=True)`` returns as its map.
+
+Halo rule: each output pixel depends on inputs within the Gaussian radius
+``r = int(3.5 * sigma + 0.5)``, so :func:`ssim_map` uses ``map_overlap`` with ``depth = r`` and
+``boundary='reflect'`` (dask's reflect repeats the edge pixel, as scipy's ``'reflect'`` does).
+With ``dtype=float64`` the chunked map equals skimage's whole-image map bit for bit; the default
+``float32`` path matches it within 1e-5 and is about twice as fast (half the memory traffic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import dask.array as da
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = ["gray", "map_overlap_pair", "ssim_block", "ssim_map", "ssim_radius"]
+
+_GRAY = np.array([0.2125, 0.7154, 0.0721])  # skimage.color.rgb2gray weights
+_TRUNCATE = 3.5
+
+
+def ssim_radius(sigma: float = 1.5) -> int:
+    """Radius in pixels of the SSIM Gaussian window (the ``map_overlap`` depth)."""
+    return int(_TRUNCATE * sigma + 0.5)
+
+
+def gray(rgb: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """Luminance in [0, 1] as :func:`skimage.color.rgb2gray` computes it.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (..., 3), uint8
+        RGB image.
+    dtype : numpy float type
+        Output precision. ``float64`` reproduces ``rgb2gray`` exactly.
+    """
+    if np.dtype(dtype) == np.float64:
+        from skimage.color import rgb2gray
+
+        return rgb2gray(rgb)
+    if rgb.dtype == np.uint8:
+        x = rgb.astype(dtype) / dtype(255)
+    else:
+        x = rgb.astype(dtype, copy=False)
+    w = _GRAY.astype(dtype)
+    return x[..., 0] * w[0] + x[..., 1] * w[1] + x[..., 2] * w[2]
+
+
+def ssim_block(
+    a: np.ndarray,
+    b: np.ndarray,
+    sigma: float = 1.5,
+    data_range: float = 1.0,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> np.ndarray:
+    """SSIM map of two grayscale arrays, as skimage computes it (Gaussian window).
+
+    Works in the arrays' float precision. Border handling is scipy's ``'reflect'``; inside a
+    ``map_overlap`` block only the interior (farther than the radius from the block edge) is kept.
+    """
+    dtype = np.result_type(a.dtype, b.dtype, np.float32)
+    a = a.astype(dtype, copy=False)
+    b = b.astype(dtype, copy=False)
+
+    def filt(x: np.ndarray) -> np.ndarray:
+        return ndi.gaussian_filter(x, sigma, mode="reflect", truncate=_TRUNCATE)
+
+    ux = filt(a)
+    uy = filt(b)
+    uxx = filt(a * a)
+    uyy = filt(b * b)
+    uxy = filt(a * b)
+    vx = uxx - ux * ux
+    vy = uyy - uy * uy
+    vxy = uxy - ux * uy
+    c1 = dtype.type((k1 * data_range) ** 2)
+    c2 = dtype.type((k2 * data_range) ** 2)
+    a1 = 2 * ux * uy + c1
+    a2 = 2 * vxy + c2
+    b1 = ux**2 + uy**2 + c1
+    b2 = vx + vy + c2
+    return (a1 * a2) / (b1 * b2)
+
+
+def _ssim_rgb_block(he: np.ndarray, ihc: np.ndarray, sigma: float, work_dtype: type) -> np.ndarray:
+    return ssim_block(gray(he, work_dtype), gray(ihc, work_dtype), sigma=sigma)
+
+
+def ssim_map(
+    he: da.Array,
+    ihc: da.Array,
+    sigma: float = 1.5,
+    dtype: Literal["float32", "float64"] | type = "float32",
+) -> da.Array:
+    """Lazy SSIM map between two RGB slides of the same shape.
+
+    Parameters
+    ----------
+    he, ihc : dask.array.Array, shape (y, x, 3), uint8
+        The two images, with identical chunks (``open_pair`` guarantees this).
+    sigma : float
+        Gaussian window sigma (design default 1.5).
+    dtype : {"float32", "float64"}
+        Working precision; ``float64`` is bit-identical to skimage's whole-image map.
+
+    Returns
+    -------
+    dask.array.Array, shape (y, x), float
+        One task per chunk (read + gray + SSIM fused), halo ``depth = ssim_radius(sigma)``.
+    """
+    if he.shape != ihc.shape:
+        raise ValueError(f"ssim_map: shapes differ {he.shape} vs {ihc.shape}")
+    if he.ndim != 3 or he.shape[2] != 3:
+        raise ValueError(f"ssim_map: expected (y, x, 3) RGB arrays, got shape {he.shape}")
+    if sigma <= 0:
+        raise ValueError(f"ssim_map: sigma must be > 0, got {sigma}")
+    np_dtype = np.dtype(dtype).type
+    if ihc.chunks != he.chunks:
+        ihc = ihc.rechunk(he.chunks)
+    # a single channel chunk, so the overlap runs over (y, x) only
+    he = he.rechunk({2: 3})
+    ihc = ihc.rechunk({2: 3})
+    r = ssim_radius(sigma)
+    return map_overlap_pair(_ssim_rgb_block, he, ihc, depth=r, dtype=np_dtype, sigma=sigma, work_dtype=np_dtype
+    )
+
+
+class _Trimmed:
+    """Picklable wrapper: apply ``func`` to halo'd blocks and trim ``depth`` px off the 2-D result."""
+
+    def __init__(self, func: Callable[..., np.ndarray], depth: int, kwargs: dict) -> None:
+        self.func = func
+        self.depth = depth
+        self.kwargs = kwargs
+
+    def __call__(self, *blocks: np.ndarray) -> np.ndarray:
+        res = self.func(*blocks, **self.kwargs)
+        d = self.depth
+        return res[d : res.shape[0] - d, d : res.shape[1] - d] if d else res
+
+
+def map_overlap_pair(
+    func: Callable[..., np.ndarray],
+    *arrays: da.Array,
+    depth: int,
+    dtype: type,
+    boundary: str = "reflect",
+    **kwargs: object,
+) -> da.Array:
+    """``map_overlap`` over (y, x) of (y, x, c) images giving one 2-D output block per chunk.
+
+    Every input is padded with a halo of ``depth`` px (``boundary`` at the image edge: dask's
+    ``'reflect'`` repeats the edge pixel like scipy's ``'reflect'``, ``'nearest'`` like scipy's
+    ``'nearest'``), ``func(*blocks, **kwargs)`` runs once per chunk and the halo is trimmed from
+    its 2-D result. The channel axis must be a single chunk.
+    """
+    padded = [
+        da.overlap.overlap(
+            a,
+            depth={0: depth, 1: depth, 2: 0},
+            boundary={0: boundary, 1: boundary, 2: "none"},
+        )
+        if depth
+        else a
+        for a in arrays
+    ]
+    # overlap() merges edge chunks smaller than the halo, so take the output chunks from the
+    # padded arrays rather than from the inputs
+    out_chunks = tuple(tuple(c - 2 * depth for c in cs) for cs in padded[0].chunks[:2])
+    return da.map_blocks(
+        _Trimmed(func, depth, kwargs),
+        *padded,
+        drop_axis=2,
+        chunks=out_chunks,
+        dtype=dtype,
+        meta=np.empty((0, 0), dtype=dtype),
+        name=f"{getattr(func, '__name__', 'block').strip('_')}",
+    )

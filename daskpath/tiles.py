@@ -1,0 +1,113 @@
+"""Tile grid and per-tile reductions of chunked per-pixel maps.
+
+A slide of shape (H, W) is cut into tiles of ``size`` px from the origin; edge tiles are kept
+with their true (smaller) height/width. Per-tile statistics are computed without moving pixels:
+every chunk of the per-pixel maps reduces itself to partial sums on the tile grid (one small task
+output per chunk, whatever the chunk/tile alignment), and the partial sums are added in a tree.
+Means are therefore exact (float64 sums) and independent of ``chunk_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+__all__ = ["tile_grid", "tile_sums", "tile_means"]
+
+
+def tile_grid(shape: tuple[int, int], size: int) -> pd.DataFrame:
+    """Tiles covering an image of ``shape`` (y, x).
+
+    Returns
+    -------
+    DataFrame with columns ``ty, tx, y0, x0, height, width`` in row-major order.
+    """
+    if size <= 0:
+        raise ValueError(f"tile size must be > 0, got {size}")
+    h, w = int(shape[0]), int(shape[1])
+    ys = np.arange(0, h, size)
+    xs = np.arange(0, w, size)
+    ty, tx = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
+    y0 = ys[ty.ravel()]
+    x0 = xs[tx.ravel()]
+    return pd.DataFrame(
+        {
+            "ty": ty.ravel().astype(np.int32),
+            "tx": tx.ravel().astype(np.int32),
+            "y0": y0.astype(np.int64),
+            "x0": x0.astype(np.int64),
+            "height": np.minimum(size, h - y0).astype(np.int64),
+            "width": np.minimum(size, w - x0).astype(np.int64),
+        }
+    )
+
+
+def _edges(start: int, stop: int, size: int) -> tuple[np.ndarray, int]:
+    """Offsets (relative to ``start``) where tiles begin inside [start, stop), and first tile."""
+    first = start // size
+    bounds = np.arange((first + 1) * size, stop, size) - start
+    return np.concatenate([[0], bounds]).astype(np.intp), first
+
+
+def _partial_sums(*blocks: np.ndarray, size: int, n_ty: int, n_tx: int, block_info=None):
+    (y0, y1), (x0, x1) = block_info[0]["array-location"]
+    ey, fy = _edges(y0, y1, size)
+    ex, fx = _edges(x0, x1, size)
+    out = np.zeros((1, 1, n_ty, n_tx, len(blocks)), dtype=np.float64)
+    for k, b in enumerate(blocks):
+        b64 = b.astype(np.float64, copy=False)
+        s = np.add.reduceat(np.add.reduceat(b64, ey, axis=0), ex, axis=1)
+        out[0, 0, fy : fy + len(ey), fx : fx + len(ex), k] = s
+    return out
+
+
+def tile_sums(maps: Sequence[da.Array], size: int) -> da.Array:
+    """Per-tile sums of 2-D maps with identical shape and chunks.
+
+    Parameters
+    ----------
+    maps : sequence of dask.array.Array, shape (y, x)
+        Per-pixel maps (bool maps sum to pixel counts).
+    size : int
+        Tile side in pixels.
+
+    Returns
+    -------
+    dask.array.Array, shape (n_ty, n_tx, len(maps)), float64
+    """
+    if not maps:
+        raise ValueError("tile_sums: no maps given")
+    first = maps[0]
+    for m in maps[1:]:
+        if m.shape != first.shape:
+            raise ValueError(f"tile_sums: shapes differ {m.shape} vs {first.shape}")
+    maps = [m if m.chunks == first.chunks else m.rechunk(first.chunks) for m in maps]
+    n_ty = -(-first.shape[0] // size)
+    n_tx = -(-first.shape[1] // size)
+    nby, nbx = first.numblocks
+    parts = da.map_blocks(
+        _partial_sums,
+        *maps,
+        size=size,
+        n_ty=n_ty,
+        n_tx=n_tx,
+        new_axis=[2, 3, 4],
+        chunks=((1,) * nby, (1,) * nbx, (n_ty,), (n_tx,), (len(maps),)),
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0, 0, 0), dtype=np.float64),
+        name="tile-partial-sums",
+    )
+    return parts.sum(axis=(0, 1), split_every=8)
+
+
+def tile_means(maps: Sequence[da.Array], size: int) -> da.Array:
+    """Per-tile means of 2-D maps (sums divided by tile pixel counts), shape (n_ty, n_tx, k)."""
+    sums = tile_sums(maps, size)
+    h, w = maps[0].shape
+    hh = np.minimum(size, h - np.arange(0, h, size))
+    ww = np.minimum(size, w - np.arange(0, w, size))
+    area = (hh[:, None] * ww[None, :]).astype(np.float64)
+    return sums / area[:, :, None]
