@@ -56,6 +56,47 @@ def gray(rgb: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     return x[..., 0] * w[0] + x[..., 1] * w[1] + x[..., 2] * w[2]
 
 
+def gaussian_blur(x: np.ndarray, sigma: float, truncate: float, mode: str = "reflect") -> np.ndarray:
+    """Separable Gaussian filter equal to :func:`scipy.ndimage.gaussian_filter` (``truncate``).
+
+    float32 input goes through OpenCV's SIMD ``sepFilter2D`` (same normalised kernel, same
+    border rule: scipy ``'reflect'`` = OpenCV ``BORDER_REFLECT``, ``'nearest'`` =
+    ``BORDER_REPLICATE``), about 9x faster than scipy on one core and equal to it within float32
+    rounding (~2e-7). float64 input goes through scipy, so the float64 path is bit-identical to
+    skimage.
+    """
+    if x.dtype == np.float32:
+        cv2 = _cv2()
+        if cv2 is not None:
+            r = int(truncate * float(sigma) + 0.5)
+            k = _kernel(float(sigma), r)
+            border = {"reflect": cv2.BORDER_REFLECT, "nearest": cv2.BORDER_REPLICATE}[mode]
+            return cv2.sepFilter2D(x, -1, k, k, borderType=border)
+    return ndi.gaussian_filter(x, sigma, mode=mode, truncate=truncate)
+
+
+def _kernel(sigma: float, radius: int) -> np.ndarray:
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * t * t / (sigma * sigma))
+    return (w / w.sum()).reshape(-1, 1)
+
+
+_CV2: list = []
+
+
+def _cv2():
+    """OpenCV, single-threaded (dask owns the parallelism), or None if it is not installed."""
+    if not _CV2:
+        try:
+            import cv2
+
+            cv2.setNumThreads(1)
+            _CV2.append(cv2)
+        except ImportError:  # pragma: no cover - opencv is a dependency
+            _CV2.append(None)
+    return _CV2[0]
+
+
 def ssim_block(
     a: np.ndarray,
     b: np.ndarray,
@@ -66,7 +107,8 @@ def ssim_block(
 ) -> np.ndarray:
     """SSIM map of two grayscale arrays, as skimage computes it (Gaussian window).
 
-    Works in the arrays' float precision. Border handling is scipy's ``'reflect'``; inside a
+    Works in the arrays' float precision (float32 through OpenCV's Gaussian, float64 through
+    scipy's, bit-identical to skimage). Border handling is scipy's ``'reflect'``; inside a
     ``map_overlap`` block only the interior (farther than the radius from the block edge) is kept.
     """
     dtype = np.result_type(a.dtype, b.dtype, np.float32)
@@ -74,23 +116,44 @@ def ssim_block(
     b = b.astype(dtype, copy=False)
 
     def filt(x: np.ndarray) -> np.ndarray:
-        return ndi.gaussian_filter(x, sigma, mode="reflect", truncate=_TRUNCATE)
+        return gaussian_blur(x, sigma, _TRUNCATE, "reflect")
 
     ux = filt(a)
     uy = filt(b)
     uxx = filt(a * a)
     uyy = filt(b * b)
     uxy = filt(a * b)
-    vx = uxx - ux * ux
-    vy = uyy - uy * uy
-    vxy = uxy - ux * uy
     c1 = dtype.type((k1 * data_range) ** 2)
     c2 = dtype.type((k2 * data_range) ** 2)
-    a1 = 2 * ux * uy + c1
-    a2 = 2 * vxy + c2
-    b1 = ux**2 + uy**2 + c1
-    b2 = vx + vy + c2
-    return (a1 * a2) / (b1 * b2)
+    if dtype == np.float64:  # the exact operation order of skimage
+        vx = uxx - ux * ux
+        vy = uyy - uy * uy
+        vxy = uxy - ux * uy
+        a1 = 2 * ux * uy + c1
+        a2 = 2 * vxy + c2
+        b1 = ux**2 + uy**2 + c1
+        b2 = vx + vy + c2
+        return (a1 * a2) / (b1 * b2)
+    # float32: same formula, in place to keep memory traffic low
+    uxuy = ux * uy
+    ux *= ux
+    uy *= uy
+    uxx -= ux  # vx
+    uyy -= uy  # vy
+    uxy -= uxuy  # vxy
+    num = uxuy
+    num *= 2
+    num += c1  # a1
+    uxy *= 2
+    uxy += c2  # a2
+    num *= uxy
+    ux += uy
+    ux += c1  # b1
+    uxx += uyy
+    uxx += c2  # b2
+    ux *= uxx
+    num /= ux
+    return num
 
 
 def _ssim_rgb_block(he: np.ndarray, ihc: np.ndarray, sigma: float, work_dtype: type) -> np.ndarray:
@@ -185,5 +248,5 @@ def map_overlap_pair(
         chunks=out_chunks,
         dtype=dtype,
         meta=np.empty((0, 0), dtype=dtype),
-        name=f"{getattr(func, '__name__', 'block').strip('_')}",
+        token=getattr(func, "__name__", "block").strip("_"),
     )

@@ -58,8 +58,8 @@ def _partial_sums(*blocks: np.ndarray, size: int, n_ty: int, n_tx: int, block_in
     ex, fx = _edges(x0, x1, size)
     out = np.zeros((1, 1, n_ty, n_tx, len(blocks)), dtype=np.float64)
     for k, b in enumerate(blocks):
-        b64 = b.astype(np.float64, copy=False)
-        s = np.add.reduceat(np.add.reduceat(b64, ey, axis=0), ex, axis=1)
+        rows = np.add.reduceat(b, ey, axis=0, dtype=np.float64)
+        s = np.add.reduceat(rows, ex, axis=1)
         out[0, 0, fy : fy + len(ey), fx : fx + len(ex), k] = s
     return out
 
@@ -98,7 +98,7 @@ def tile_sums(maps: Sequence[da.Array], size: int) -> da.Array:
         chunks=((1,) * nby, (1,) * nbx, (n_ty,), (n_tx,), (len(maps),)),
         dtype=np.float64,
         meta=np.empty((0, 0, 0, 0, 0), dtype=np.float64),
-        name="tile-partial-sums",
+        token="tile-partial-sums",
     )
     return parts.sum(axis=(0, 1), split_every=8)
 

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
-from scipy import ndimage as ndi
 
-from daskpath.similarity import map_overlap_pair
+from daskpath.similarity import gaussian_blur, map_overlap_pair
 
 __all__ = ["DEFAULT_SIGMA", "DEFAULT_THRESHOLD", "tissue_block", "tissue_mask", "tissue_radius"]
 
@@ -54,7 +53,8 @@ def max_od(rgb: np.ndarray) -> np.ndarray:
     """
     if rgb.dtype != np.uint8:
         raise TypeError(f"tissue: expected uint8 RGB, got {rgb.dtype}")
-    return _OD_LUT[rgb.min(axis=-1)]
+    # np.minimum on channel views: ~10x faster than rgb.min(axis=-1) on (y, x, 3)
+    return _OD_LUT[np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])]
 
 
 def tissue_block(
@@ -63,7 +63,7 @@ def tissue_block(
     """Tissue mask of one in-memory RGB image (bool, shape (y, x))."""
     od = max_od(rgb)
     if sigma > 0:
-        od = ndi.gaussian_filter(od, sigma, mode="nearest", truncate=_TRUNCATE)
+        od = gaussian_blur(od, sigma, _TRUNCATE, "nearest")
     return od > np.float32(threshold)
 
 

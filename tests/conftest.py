@@ -1,0 +1,34 @@
+"""Shared fixtures: synthetic slides made once per session, one local process cluster."""
+
+from __future__ import annotations
+
+import dask
+import pytest
+
+
+@pytest.fixture(scope="session")
+def synth_cohort(tmp_path_factory):
+    """Two 2048x2048 phantom pairs (tiled JPEG TIFF) and their manifest."""
+    from daskpath.synthetic import make_cohort
+
+    out = tmp_path_factory.mktemp("synth")
+    manifest = make_cohort(out, pairs=2, size=(2048, 2048), seed=7)
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A LocalCluster with 2 worker *processes*: what users run, pickling included."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", host="127.0.0.1"
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def _reset_dask_config():
+    """Each test starts from the same dask config."""
+    with dask.config.set({}):
+        yield

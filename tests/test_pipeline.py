@@ -1,0 +1,123 @@
+"""The preprocessing pipeline end to end, on phantom slides and a process cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from skimage.color import rgb2gray
+from skimage.metrics import structural_similarity
+
+from daskpath.config import load_config
+from daskpath.pipeline import TILE_COLUMNS, run
+from daskpath.tissue import tissue_block
+
+
+def _cfg(manifest, out, *extra):
+    return load_config(None, [f"slides={manifest}", f"output_dir={out}", *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(synth_cohort, dask_client, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    res = run(_cfg(synth_cohort, out), client=dask_client)
+    return res
+
+
+def test_tables_written_and_consistent(first_run):
+    res = first_run
+    assert res.ok
+    tiles = pd.read_parquet(res.output_dir / "tiles.parquet")
+    slides = pd.read_csv(res.output_dir / "slides.csv")
+    assert list(tiles.columns) == TILE_COLUMNS
+    assert len(tiles) == 2 * 4  # two 2048^2 slides, 1024-px tiles
+    assert sorted(slides["slide"]) == sorted(tiles["slide"].unique())
+    assert tiles["tissue_fraction"].between(0, 1).all()
+    assert tiles["ssim"].between(-1, 1).all()
+    for s, g in tiles.groupby("slide"):
+        row = slides.set_index("slide").loc[s]
+        assert row["tiles_total"] == len(g)
+        assert row["tiles_kept"] == int(g["keep"].sum())
+    assert (res.output_dir / "layers").is_dir()
+    assert not (res.output_dir / "failures.csv").exists()
+
+
+def test_values_equal_whole_image_reference(first_run, synth_cohort):
+    """Per-tile tissue fraction and SSIM equal a NumPy/skimage computation on the whole image."""
+    tiles = pd.read_parquet(first_run.output_dir / "tiles.parquet")
+    man = pd.read_csv(synth_cohort)
+    slide, he, ihc = man.iloc[0]
+    he = tifffile.imread(synth_cohort.parent / he, level=0)
+    ihc = tifffile.imread(synth_cohort.parent / ihc, level=0)
+    _, s_map = structural_similarity(
+        rgb2gray(he), rgb2gray(ihc), gaussian_weights=True, sigma=1.5,
+        use_sample_covariance=False, data_range=1.0, full=True,
+    )
+    t_he, t_ihc = tissue_block(he), tissue_block(ihc)
+    g = tiles[tiles["slide"] == slide]
+    for r in g.itertuples():
+        sl = (slice(r.y0, r.y0 + r.height), slice(r.x0, r.x0 + r.width))
+        assert r.ssim == pytest.approx(s_map[sl].mean(), abs=1e-5)
+        assert r.tissue_fraction_he == pytest.approx(t_he[sl].mean(), abs=1e-9)
+        assert r.tissue_fraction_ihc == pytest.approx(t_ihc[sl].mean(), abs=1e-9)
+        assert r.keep == (min(t_he[sl].mean(), t_ihc[sl].mean()) >= 0.5 and s_map[sl].mean() >= 0.4)
+
+
+def test_results_do_not_depend_on_chunk_size(first_run, synth_cohort, dask_client, tmp_path):
+    ref = pd.read_parquet(first_run.output_dir / "tiles.parquet")
+    for chunk in (512, 1536):
+        res = run(_cfg(synth_cohort, tmp_path / str(chunk), f"chunk_size={chunk}"), client=dask_client)
+        got = res.tiles
+        pd.testing.assert_frame_equal(
+            got.reset_index(drop=True), ref.reset_index(drop=True), check_exact=False, atol=1e-6
+        )
+
+
+def test_resume_skips_finished_slides(synth_cohort, dask_client, tmp_path):
+    cfg = _cfg(synth_cohort, tmp_path)
+    run(cfg, client=dask_client)
+    parts = sorted((tmp_path / "parts").glob("*.parquet"))
+    assert len(parts) == 2
+    mtimes = [p.stat().st_mtime_ns for p in parts]
+    res = run(cfg, client=dask_client)
+    assert [p.stat().st_mtime_ns for p in parts] == mtimes  # nothing recomputed
+    assert len(res.tiles) == 8
+
+
+def test_bad_slide_does_not_sink_the_cohort(synth_cohort, dask_client, tmp_path):
+    man = pd.read_csv(synth_cohort)
+    folder = synth_cohort.parent
+    rows = [
+        {"slide": man.slide[0], "he": str(folder / man.he[0]), "ihc": str(folder / man.ihc[0])},
+        {"slide": "missing", "he": str(folder / "nope_HE.tif"), "ihc": str(folder / man.ihc[1])},
+    ]
+    # a mismatched pair: a smaller IHC
+    small = tmp_path / "small_IHC.tif"
+    img = tifffile.imread(folder / man.ihc[1], level=0)[:1000, :1500]
+    tifffile.imwrite(small, img, tile=(256, 256), photometric="rgb")
+    rows.append({"slide": "mismatch", "he": str(folder / man.he[1]), "ihc": str(small)})
+    m = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(m, index=False)
+    res = run(_cfg(m, tmp_path / "out"), client=dask_client)
+    assert not res.ok
+    fails = pd.read_csv(tmp_path / "out" / "failures.csv").set_index("slide")
+    assert set(fails.index) == {"missing", "mismatch"}
+    assert "nope_HE.tif" in fails.loc["missing", "error"]
+    assert "size" in fails.loc["mismatch", "error"].lower()
+    assert set(res.tiles["slide"]) == {man.slide[0]}
+    assert len(pd.read_csv(tmp_path / "out" / "slides.csv")) == 1
+
+
+def test_all_white_slide_is_reported_not_an_error(dask_client, tmp_path):
+    white = np.full((1024, 1536, 3), 247, np.uint8)
+    for name in ("w_HE.tif", "w_IHC.tif"):
+        tifffile.imwrite(tmp_path / name, white, tile=(256, 256), photometric="rgb")
+    m = tmp_path / "manifest.csv"
+    m.write_text("slide,he,ihc\nwhite,w_HE.tif,w_IHC.tif\n")
+    res = run(_cfg(m, tmp_path / "out"), client=dask_client)
+    assert res.ok
+    row = res.slides.iloc[0]
+    assert row["tiles_kept"] == 0 and row["tiles_tissue"] == 0
+    assert "no tissue" in row["note"]
+    assert (res.tiles["tissue_fraction"] == 0).all()
