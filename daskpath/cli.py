@@ -21,8 +21,9 @@ log = logging.getLogger("daskpath")
 
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    if verbosity >= 2:
+        level = logging.DEBUG - 5  # -vv: distributed's own INFO messages too
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("distributed").setLevel(logging.WARNING if verbosity < 2 else logging.INFO)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

@@ -38,6 +38,18 @@ def local_cluster_kwargs(cfg: ClusterConfig, n_cores: int | None = None) -> dict
     }
 
 
+def quiet_distributed(level: int | None = None) -> None:
+    """Keep distributed's own logging to errors (its teardown chatter is not for users).
+
+    ``daskpath -vv`` keeps its INFO messages.
+    """
+    root = logging.getLogger("daskpath")
+    if level is None:
+        level = logging.INFO if root.getEffectiveLevel() <= logging.DEBUG - 5 else logging.ERROR
+    for name in ("distributed", "tornado", "bokeh"):
+        logging.getLogger(name).setLevel(level)
+
+
 @contextlib.contextmanager
 def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator:
     """Yield a :class:`distributed.Client` for the configured cluster; closes what it started.
@@ -51,6 +63,7 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator:
     """
     from distributed import Client, LocalCluster
 
+    quiet_distributed()
     address = scheduler or (cfg.address if cfg.kind == "address" else None)
     if cfg.kind == "address" and not address:
         raise ConfigError("cluster.kind is 'address' but cluster.address is empty; set it or pass --scheduler")
