@@ -43,7 +43,7 @@ class TilesConfig:
 
 @dataclass(frozen=True)
 class TissueConfig:
-    threshold: float = 0.06
+    threshold: float = 0.035
     sigma: float = 4.0
 
 

@@ -109,19 +109,57 @@ def plan_preprocess(slide: str, he: str | Path, ihc: str | Path, cfg: Config, ou
     if f and output_dir is not None:
         plan.layer_dir = output_dir / "layers" / f"{slide}.zarr"
         plan.layer_tmp = output_dir / "layers" / f".{slide}.zarr.partial"
-        plan.layers = _plan_layers(plan.layer_tmp, f, {"tissue_he": t_he, "tissue_ihc": t_ihc, "ssim": ssim}, slide, mpp)
+        plan.layers = _plan_layers(
+            plan.layer_tmp,
+            f,
+            {"tissue_he": t_he, "tissue_ihc": t_ihc, "ssim": ssim},
+            slide,
+            mpp,
+            thumbnails={"thumbnail_he": he_a, "thumbnail_ihc": ihc_a},
+        )
     return plan
 
 
-def _plan_layers(path: Path, factor: int, maps: dict[str, da.Array], slide: str, mpp) -> list:
-    """Downsample per-pixel maps by ``factor`` (block mean) and prepare zarr targets."""
+THUMBNAIL_SIDE = 1024
+"""Longest side (px) of the RGB thumbnails stored with the layers (for the report)."""
+
+
+def _plan_layers(
+    path: Path,
+    factor: int,
+    maps: dict[str, da.Array],
+    slide: str,
+    mpp,
+    thumbnails: dict[str, da.Array] | None = None,
+) -> list:
+    """Downsample per-pixel maps by ``factor`` (block mean) and prepare zarr targets.
+
+    RGB ``thumbnails`` are strided (every k-th pixel, k a power of two so the longest side is at
+    most :data:`THUMBNAIL_SIDE`); they reuse the chunks the maps read, so they cost no extra I/O.
+    """
     import zarr
 
     if path.exists():
         shutil.rmtree(path)
     root = zarr.open_group(str(path), mode="w")
-    root.attrs.update({"slide": slide, "downsample": factor, "mpp": mpp, "layers": list(maps)})
     out = []
+    step = 1
+    for name, rgb in (thumbnails or {}).items():
+        step = 1 << max(0, int(np.ceil(np.log2(max(rgb.shape[:2]) / THUMBNAIL_SIDE))))
+        small = rgb[::step, ::step]
+        target = root.create_array(
+            name, shape=small.shape, chunks=small.shape, dtype=np.uint8, fill_value=255
+        )
+        out.append((small.rechunk(small.shape), target))
+    root.attrs.update(
+        {
+            "slide": slide,
+            "downsample": factor,
+            "thumbnail_step": step,
+            "mpp": mpp,
+            "layers": list(maps),
+        }
+    )
     for name, m in maps.items():
         m = m.astype(np.float32)
         h = (m.shape[0] // factor) * factor
@@ -327,6 +365,12 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dic
         write_table(fail_df, fpath)
     elif fpath.exists():
         fpath.unlink()
+    try:
+        from daskpath.report import write_report
+
+        write_report(out, tiles, slides, fail_df, cfg)
+    except ImportError as e:  # matplotlib is optional (extra "report")
+        log.warning("report.html not written: %s (pip install 'daskpath[report]')", e)
     return RunResult(out, tiles, slides, fail_df, time.perf_counter() - t0)
 
 

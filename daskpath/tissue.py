@@ -29,8 +29,8 @@ from daskpath.similarity import gaussian_blur, map_overlap_pair
 
 __all__ = ["DEFAULT_SIGMA", "DEFAULT_THRESHOLD", "tissue_block", "tissue_mask", "tissue_radius"]
 
-DEFAULT_THRESHOLD = 0.06
-"""Default OD threshold: RGB ~ 222 in the most absorbed channel."""
+DEFAULT_THRESHOLD = 0.035
+"""Default OD threshold: RGB ~ 235 in the most absorbed channel (glass is ~ 240-250)."""
 DEFAULT_SIGMA = 4.0
 """Default smoothing sigma in pixels (radius 16 px)."""
 _TRUNCATE = 4.0

@@ -121,3 +121,23 @@ def test_all_white_slide_is_reported_not_an_error(dask_client, tmp_path):
     assert row["tiles_kept"] == 0 and row["tiles_tissue"] == 0
     assert "no tissue" in row["note"]
     assert (res.tiles["tissue_fraction"] == 0).all()
+
+
+@pytest.mark.parametrize("stain", ["HE", "IHC"])
+def test_tissue_mask_matches_phantom_truth(synth_cohort, stain):
+    """White-background cleaning vs the phantom's true tissue outline (pale IHC counterstain included)."""
+    import json
+
+    import zarr
+
+    folder = synth_cohort.parent
+    slide = pd.read_csv(synth_cohort).slide[0]
+    truth = zarr.open_group(str(folder / f"{slide}_truth.zarr"), mode="r")["tissue"][:]
+    meta = json.loads((folder / f"{slide}_truth.json").read_text())
+    if stain == "HE":  # truth is in IHC coordinates; ihc = he + offset
+        dy, dx = meta["offset"]
+        truth = np.roll(truth, (-dy, -dx), axis=(0, 1))
+    img = tifffile.imread(folder / f"{slide}_{stain}.tif", level=0)
+    m = tissue_block(img)
+    iou = (m & truth).sum() / (m | truth).sum()
+    assert iou >= 0.95, f"{stain} tissue IoU {iou:.3f}"
