@@ -100,7 +100,11 @@ RGB_FROM_HED = np.array(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
 )
 #: Default rigid offset ``(dy, dx)`` of the IHC section relative to the H&E, in pixels.
-DEFAULT_OFFSET: tuple[int, int] = (6, -4)
+DEFAULT_OFFSET: tuple[int, int] = (1, -1)
+# The reference cohort is registered, so the residual rigid offset is small. With the per-nucleus
+# jitter (~1 px) and independent textures this puts fully-tissue 1024-px tiles at SSIM ~0.38-0.45,
+# around the default ssim.threshold of 0.4, so the keep rule is exercised on both sides; an offset
+# of 2 px already drops them to ~0.3 (fine structure decorrelates fast), 6 px to ~0.24.
 
 Stain = Literal["he", "ihc"]
 Layout = Literal["tiled", "png", "stripped"]
@@ -572,20 +576,23 @@ def _render(
     chrom = f32(0.85) + f32(0.18) * fine + f32(0.2) * speck + f32(0.2) * rho**4
     del rho
 
+    # tissue architecture (collagen fibres, epithelial areas) is shared by both sections, in
+    # frame coordinates: the IHC's hematoxylin counterstain shows it too, paler
+    ori = fields.pixels("ori", fy0, fy1, fx0, fx1)
+    dens = fields.pixels("dens", fy0, fy1, fx0, fx1)
+    wy = ys[:, None] + np.round(f32(9.0) * fields.pixels("warp_y", fy0, fy1, fx0, fx1))
+    wx = xs[None, :] + np.round(f32(9.0) * fields.pixels("warp_x", fy0, fy1, fx0, fx1))
+    wy = wy.astype(np.int64)
+    wx = wx.astype(np.int64)
+    he_tables = _texture_tables(g.seed, "he")
+    fa = _lookup(he_tables["fib_h"], wy, wx)
+    fb = _lookup(he_tables["fib_v"], wy, wx)
+    del wy, wx
+    fib = np.clip(f32(0.55) + f32(0.6) * (ori * fa + (f32(1) - ori) * fb), 0, 1)
+    fib = fib * fib
+    epi = np.clip((dens - f32(0.45)) * f32(4.0), 0, 1)
     if stain == "he":
-        ori = fields.pixels("ori", fy0, fy1, fx0, fx1)
-        dens = fields.pixels("dens", fy0, fy1, fx0, fx1)
-        wy = ys[:, None] + np.round(f32(9.0) * fields.pixels("warp_y", fy0, fy1, fx0, fx1))
-        wx = xs[None, :] + np.round(f32(9.0) * fields.pixels("warp_x", fy0, fy1, fx0, fx1))
-        wy = wy.astype(np.int64)
-        wx = wx.astype(np.int64)
-        fa = _lookup(tables["fib_h"], wy, wx)
-        fb = _lookup(tables["fib_v"], wy, wx)
-        del wy, wx
-        fib = np.clip(f32(0.55) + f32(0.6) * (ori * fa + (f32(1) - ori) * fb), 0, 1)
-        fib = fib * fib
         # epithelial (dense) areas: smooth lilac cytoplasm; stroma: fibrous pink collagen
-        epi = np.clip((dens - f32(0.45)) * f32(4.0), 0, 1)
         stroma_e = f32(0.10) + f32(0.45) * fib
         cyto_e = f32(0.30) + f32(0.06) * fine
         c_e = alpha * (epi * cyto_e + (f32(1) - epi) * stroma_e) * (f32(1) + f32(0.2) * var)
@@ -595,7 +602,10 @@ def _render(
         c_e = np.where(nmask, f32(0.12) * conc, c_e)
         rgb = _od_to_rgb(c_h, c_e, None, bg, eosin=_EOSIN_HE)
     else:
-        c_h = alpha * (f32(0.055) + f32(0.02) * fine + f32(0.015) * var)
+        c_h = alpha * (
+            f32(0.03) + f32(0.16) * fib * (f32(1) - epi) + f32(0.05) * epi + f32(0.015) * fine
+            + f32(0.01) * var
+        )
         c_d = alpha * (f32(0.010) + f32(0.006) * speck)
         nuc_h = np.where(posm, f32(0.2), f32(0.55)) * conc * chrom
         nuc_d = np.where(posm, f32(0.85) * conc * chrom, f32(0.0))
