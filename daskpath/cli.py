@@ -118,6 +118,22 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from daskpath.cluster import kubernetes_manifests, manifests_yaml, slurm_job_script
+    from daskpath.config import load_config
+
+    cfg = load_config(args.config, args.set or [])
+    if not args.print:
+        print(f"daskpath cluster {args.target}: nothing to do; add --print to render the "
+              f"{'job script' if args.target == 'slurm' else 'manifests'}", file=sys.stderr)
+        return 2
+    if args.target == "slurm":
+        print(slurm_job_script(cfg.cluster), end="")
+    else:
+        print(manifests_yaml(kubernetes_manifests(cfg.cluster)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     p = argparse.ArgumentParser(
@@ -172,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", type=Path, nargs="?", default=None)
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.set_defaults(func=_cmd_config)
+
+    s = sub.add_parser("cluster", help="render the SLURM job script or Kubernetes manifests of a config")
+    s.add_argument("target", choices=("slurm", "kubernetes"))
+    s.add_argument("config", type=Path, nargs="?", default=None)
+    s.add_argument("--print", action="store_true",
+                   help="print the sbatch script of one worker job / the DaskCluster manifests")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.set_defaults(func=_cmd_cluster)
     return p
 
 

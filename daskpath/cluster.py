@@ -1,21 +1,69 @@
-"""Dask clusters: a local one by default, or an existing scheduler.
+"""Dask clusters: local, local GPU (dask-cuda), SLURM (dask-jobqueue), Kubernetes (dask-kubernetes
+operator), or an existing scheduler.
 
-The dashboard binds to localhost unless the config says otherwise; its link is logged at start.
+``cluster.kind`` picks one (see ``configs/default.yaml`` and ``cluster/README.md``):
+
+``local``
+    A :class:`distributed.LocalCluster` sized to the machine.
+``local-cuda``
+    dask-cuda's ``LocalCUDACluster``: one worker process per GPU, each declaring the resource
+    ``GPU=1`` (so model tasks annotated with :func:`model_annotations` run there, one at a time per
+    GPU), **plus** ``cluster.n_workers`` CPU-only worker processes added to the same scheduler for
+    the CPU stages (reading, tissue, SSIM, reductions). CPU tasks carry no resource annotation, so
+    they may also use spare threads of the GPU workers (``cluster.cuda.threads_per_worker``).
+``slurm``
+    dask-jobqueue's ``SLURMCluster``: the scheduler runs in this process (bound to
+    ``cluster.scheduler_host``), workers are SLURM jobs. With ``cluster.slurm.gpus: N`` each job asks
+    for ``--gres=gpu:N`` and runs one dask-cuda worker per GPU, each with ``GPU=1``.
+``kubernetes``
+    dask-kubernetes' operator ``KubeCluster`` from the spec of :func:`kubernetes_manifests`
+    (CPU workers in the default group, a GPU worker group with ``nvidia.com/gpu`` limits).
+``address``
+    An existing scheduler (``cluster.address`` or ``--scheduler``).
+
+The dashboard and a scheduler that daskpath starts bind to 127.0.0.1 unless configured
+(``cluster.dashboard_address``, ``cluster.scheduler_host``, ``cluster.interface``); the dashboard
+link is logged at start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
-from collections.abc import Iterator
+import shutil
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from daskpath.config import ClusterConfig
 from daskpath.errors import ConfigError, DaskpathError
 
-__all__ = ["connect", "local_cluster_kwargs"]
+__all__ = [
+    "check_runnable",
+    "connect",
+    "gpu_resources",
+    "kubernetes_manifests",
+    "local_cluster_kwargs",
+    "local_cuda_cluster_kwargs",
+    "manifests_yaml",
+    "model_annotations",
+    "slurm_cluster_kwargs",
+    "slurm_job_script",
+]
 
 log = logging.getLogger(__name__)
+
+GPU = "GPU"  # the worker resource name GPU workers declare and model tasks ask for
+
+
+# --------------------------------------------------------------------------------------- sizing
+def _bind_options(cfg: ClusterConfig) -> dict[str, Any]:
+    """Where a scheduler started by daskpath listens: ``interface`` wins over ``scheduler_host``."""
+    if cfg.interface:
+        return {"interface": cfg.interface}
+    return {"host": cfg.scheduler_host} if cfg.scheduler_host else {}
 
 
 def local_cluster_kwargs(cfg: ClusterConfig, n_cores: int | None = None) -> dict:
@@ -28,16 +76,422 @@ def local_cluster_kwargs(cfg: ClusterConfig, n_cores: int | None = None) -> dict
     cores = n_cores or os.cpu_count() or 1
     n_workers = cfg.n_workers or max(1, cores // 2)
     threads = cfg.threads_per_worker or max(1, cores // n_workers)
-    return {
+    kw = {
         "n_workers": n_workers,
         "threads_per_worker": threads,
         "processes": True,
         "memory_limit": cfg.memory_limit,
         "dashboard_address": cfg.dashboard_address,
-        "host": "127.0.0.1",
+        **_bind_options(cfg),
+    }
+    if cfg.local_directory:
+        kw["local_directory"] = cfg.local_directory
+    return kw
+
+
+def _count_gpus(cfg: ClusterConfig) -> int:
+    if cfg.cuda.visible_devices:
+        return len([d for d in str(cfg.cuda.visible_devices).split(",") if d.strip()])
+    from dask_cuda.utils import get_n_gpus
+
+    return int(get_n_gpus())
+
+
+def local_cuda_cluster_kwargs(
+    cfg: ClusterConfig, n_gpus: int, n_cores: int | None = None, total_memory: int | None = None
+) -> tuple[dict, dict]:
+    """Keyword arguments for ``LocalCUDACluster`` and for the CPU workers added beside it.
+
+    Returns
+    -------
+    gpu : dict
+        For ``dask_cuda.LocalCUDACluster``: ``n_workers`` = ``n_gpus`` (one per GPU), each with
+        ``resources={"GPU": 1}`` and ``cluster.cuda.threads_per_worker`` threads.
+    cpu : dict
+        ``n_workers`` CPU-only worker processes (default: one per 2 cores left after the GPU
+        workers' threads) with ``threads_per_worker`` threads each.
+
+    ``memory_limit: auto`` shares the machine memory evenly over all worker processes, GPU and
+    CPU (each side would otherwise assume it owns the whole machine).
+    """
+    cores = n_cores or os.cpu_count() or 1
+    gpu_threads = cfg.cuda.threads_per_worker
+    left = max(1, cores - n_gpus * gpu_threads)
+    n_cpu = cfg.n_workers if cfg.n_workers is not None else max(1, left // 2)
+    cpu_threads = cfg.threads_per_worker or max(1, left // max(1, n_cpu))
+    memory: Any = cfg.memory_limit
+    if str(memory) == "auto":
+        if total_memory is None:
+            from distributed.system import MEMORY_LIMIT as total_memory
+        memory = int(total_memory // max(1, n_gpus + n_cpu))
+    gpu = {
+        "n_workers": n_gpus,
+        "threads_per_worker": gpu_threads,
+        "resources": {GPU: 1},
+        "memory_limit": memory,
+        "dashboard_address": cfg.dashboard_address,
+        **_bind_options(cfg),
+    }
+    if cfg.cuda.visible_devices:
+        gpu["CUDA_VISIBLE_DEVICES"] = str(cfg.cuda.visible_devices)
+    if cfg.cuda.rmm_pool_size:
+        gpu["rmm_pool_size"] = cfg.cuda.rmm_pool_size
+    if cfg.local_directory:
+        gpu["local_directory"] = cfg.local_directory
+    cpu = {"n_workers": n_cpu, "threads_per_worker": cpu_threads, "memory_limit": memory}
+    if cfg.local_directory:
+        cpu["local_directory"] = cfg.local_directory
+    return gpu, cpu
+
+
+def _add_cpu_workers(cluster, cpu: Mapping[str, Any], host: str | None = None) -> int:
+    """Add ``cpu["n_workers"]`` CPU-only Nanny workers to a running SpecCluster's scheduler."""
+    from distributed import Nanny
+
+    n = int(cpu.get("n_workers", 0))
+    for i in range(n):
+        opts: dict[str, Any] = {
+            "nthreads": cpu["threads_per_worker"],
+            "memory_limit": cpu["memory_limit"],
+        }
+        if cpu.get("local_directory"):
+            opts["local_directory"] = cpu["local_directory"]
+        if host:
+            opts["host"] = host
+        cluster.worker_spec[f"cpu-{i}"] = {"cls": Nanny, "options": opts}
+    if n:
+        cluster.scale(len(cluster.worker_spec))
+    return n
+
+
+def slurm_cluster_kwargs(cfg: ClusterConfig) -> dict:
+    """Keyword arguments for ``dask_jobqueue.SLURMCluster`` from ``cluster.slurm.*``.
+
+    Keys left null (``queue``, ``account``, ``log_directory``, ``python``, ``interface``,
+    ``local_directory``) and empty lists fall back to the site's dask-jobqueue config
+    (``jobqueue.slurm.*``, e.g. ``cluster/slurm/jobqueue.yaml`` copied to ``~/.config/dask/``).
+    With ``gpus: N`` each job asks for ``--gres=gpu:N`` and runs ``dask_cuda.cli`` (one worker per
+    GPU, ``processes = N``), every worker declaring ``--resources GPU=1``.
+    """
+    import dask
+
+    s = cfg.slurm
+    processes = s.gpus if s.gpus else s.processes
+    directives = list(s.job_extra_directives) or list(
+        dask.config.get("jobqueue.slurm.job-extra-directives", None) or []
+    )
+    worker_args: list[str] = []
+    if s.gpus:
+        directives.append(f"--gres=gpu:{s.gpus}")
+        worker_args += ["--resources", f"{GPU}=1"]
+    sched = {"dashboard_address": cfg.dashboard_address, **_bind_options(cfg)}
+    kw: dict[str, Any] = {
+        "cores": s.cores,
+        "memory": s.memory,
+        "processes": processes,
+        "walltime": s.walltime,
+        "queue": s.queue,
+        "account": s.account,
+        "job_name": "daskpath",
+        "job_extra_directives": directives,
+        "job_script_prologue": list(s.job_script_prologue) or None,
+        "worker_extra_args": worker_args or None,
+        "python": s.python or dask.config.get("jobqueue.slurm.python", None) or sys.executable,
+        "log_directory": s.log_directory,
+        "local_directory": cfg.local_directory,
+        "interface": cfg.interface,
+        "death_timeout": s.death_timeout,
+        "scheduler_options": sched,
+    }
+    if s.gpus:
+        kw["worker_command"] = "dask_cuda.cli"
+    return kw
+
+
+def slurm_job_script(cfg: ClusterConfig) -> str:
+    """The sbatch script one worker job of ``cluster.kind: slurm`` runs (needs no SLURM).
+
+    The scheduler address in it is a placeholder for the one chosen at run time.
+    """
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as e:
+        raise DaskpathError(
+            "cluster.kind 'slurm' needs dask-jobqueue; pip install 'daskpath[slurm]'"
+        ) from e
+    kw = slurm_cluster_kwargs(cfg)
+    # a throwaway scheduler on a free loopback port, no dashboard: only the script is wanted
+    kw["scheduler_options"] = {"host": "127.0.0.1", "dashboard": False, "port": 0}
+    kw["interface"] = None
+    quiet_distributed()
+    with SLURMCluster(**kw) as cluster:
+        script = cluster.job_script()
+        address = cluster.scheduler_address
+    return script.replace(address, "tcp://SCHEDULER_HOST:PORT")
+
+
+# ----------------------------------------------------------------------------------- kubernetes
+def _security_context(uid: int) -> tuple[dict, dict]:
+    pod = {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+    }
+    return pod, container
+
+
+def _k8s_worker_spec(
+    image: str, replicas: int, resources: dict, command: list[str], env: list[dict]
+) -> dict:
+    """A DaskWorker spec, the same structure as ``dask_kubernetes.operator.make_worker_spec``."""
+    return {
+        "replicas": replicas,
+        "spec": {
+            "containers": [
+                {
+                    "name": "worker",
+                    "image": image,
+                    "args": command + ["--name", "$(DASK_WORKER_NAME)", "--dashboard",
+                                       "--dashboard-address", "8788"],
+                    "env": env,
+                    "resources": resources,
+                    "ports": [{"name": "http-dashboard", "containerPort": 8788, "protocol": "TCP"}],
+                }
+            ]
+        },
     }
 
 
+def _k8s_cluster_template(name: str, image: str, replicas: int, resources: dict,
+                          command: list[str], env: list[dict]) -> dict:
+    """A DaskCluster like ``make_cluster_spec`` renders it (used when dask-kubernetes is absent)."""
+    probe = {"httpGet": {"port": "http-dashboard", "path": "/health"}}
+    return {
+        "apiVersion": "kubernetes.dask.org/v1",
+        "kind": "DaskCluster",
+        "metadata": {"name": name},
+        "spec": {
+            "idleTimeout": 0,
+            "worker": _k8s_worker_spec(image, replicas, resources, command, env),
+            "scheduler": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "scheduler",
+                            "image": image,
+                            "args": ["dask-scheduler", "--host", "0.0.0.0"],
+                            "env": env,
+                            "resources": resources,
+                            "ports": [
+                                {"name": "tcp-comm", "containerPort": 8786, "protocol": "TCP"},
+                                {"name": "http-dashboard", "containerPort": 8787, "protocol": "TCP"},
+                            ],
+                            "readinessProbe": {**probe, "initialDelaySeconds": 0,
+                                               "periodSeconds": 1, "timeoutSeconds": 300},
+                            "livenessProbe": {**probe, "initialDelaySeconds": 15, "periodSeconds": 20},
+                        }
+                    ]
+                },
+                "service": {
+                    "type": "ClusterIP",
+                    "selector": {"dask.org/cluster-name": name, "dask.org/component": "scheduler"},
+                    "ports": [
+                        {"name": "tcp-comm", "protocol": "TCP", "port": 8786, "targetPort": "tcp-comm"},
+                        {"name": "http-dashboard", "protocol": "TCP", "port": 8787,
+                         "targetPort": "http-dashboard"},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _harden(pod_spec: dict, uid: int, pull: str) -> None:
+    pod_ctx, ctr_ctx = _security_context(uid)
+    pod_spec["securityContext"] = pod_ctx
+    for c in pod_spec.get("containers", []):
+        c["securityContext"] = copy.deepcopy(ctr_ctx)
+        c["imagePullPolicy"] = pull
+        c["env"] = copy.deepcopy(c.get("env") or [])  # the operator appends to it
+
+
+def kubernetes_manifests(cfg: ClusterConfig, use_operator_package: bool = True) -> list[dict]:
+    """The DaskCluster (and, with ``gpu_workers``, a GPU DaskWorkerGroup) for ``kind: kubernetes``.
+
+    The default worker group holds ``cluster.kubernetes.workers`` CPU workers; the GPU group
+    ``<name>-gpu`` holds ``gpu_workers`` pods, each with an ``nvidia.com/gpu: 1`` limit running
+    ``dask-cuda-worker --resources GPU=1``. Every pod runs as the non-root uid
+    ``run_as_user`` with all capabilities dropped. The scheduler Service is ClusterIP: reach the
+    dashboard with ``kubectl port-forward`` (nothing is exposed outside the cluster).
+
+    ``make_cluster_spec`` of dask-kubernetes renders the base when installed (and
+    ``use_operator_package``), else an equivalent built-in template.
+    """
+    k = cfg.kubernetes
+    env = [{"name": "DASKPATH_CLUSTER", "value": "kubernetes"}]
+    cpu_res = {"requests": {"cpu": k.worker_cpu, "memory": k.worker_memory},
+               "limits": {"cpu": k.worker_cpu, "memory": k.worker_memory}}
+    worker_cmd = ["dask-worker", "--nthreads", str(max(1, _cpu_count(k.worker_cpu))),
+                  "--memory-limit", _k8s_memory(k.worker_memory)]
+    spec = None
+    if use_operator_package:
+        try:
+            from dask_kubernetes.operator import make_cluster_spec
+        except ImportError:
+            make_cluster_spec = None
+        if make_cluster_spec is not None:
+            spec = make_cluster_spec(name=k.name, image=k.image, n_workers=k.workers,
+                                     resources=cpu_res, env=env, worker_command=worker_cmd)
+    if spec is None:
+        spec = _k8s_cluster_template(k.name, k.image, k.workers, cpu_res, worker_cmd, env)
+    spec["spec"]["idleTimeout"] = k.idle_timeout
+    if k.namespace:
+        spec["metadata"]["namespace"] = k.namespace
+    # the scheduler needs less than a worker
+    sched_res = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
+    spec["spec"]["scheduler"]["spec"]["containers"][0]["resources"] = sched_res
+    _harden(spec["spec"]["scheduler"]["spec"], k.run_as_user, k.image_pull_policy)
+    _harden(spec["spec"]["worker"]["spec"], k.run_as_user, k.image_pull_policy)
+    out = [spec]
+    if k.gpu_workers:
+        out.append(kubernetes_gpu_worker_group(cfg))
+    return out
+
+
+def kubernetes_gpu_worker_group(cfg: ClusterConfig, cluster_name: str | None = None) -> dict:
+    """A DaskWorkerGroup of ``gpu_workers`` pods, one GPU each, workers declaring ``GPU=1``."""
+    k = cfg.kubernetes
+    name = cluster_name or k.name
+    res = {"requests": {"cpu": k.gpu_worker_cpu, "memory": k.gpu_worker_memory},
+           "limits": {"cpu": k.gpu_worker_cpu, "memory": k.gpu_worker_memory,
+                      "nvidia.com/gpu": "1"}}
+    cmd = ["dask-cuda-worker", "--nthreads", str(max(1, _cpu_count(k.gpu_worker_cpu))),
+           "--memory-limit", _k8s_memory(k.gpu_worker_memory), "--resources", f"{GPU}=1"]
+    worker = _k8s_worker_spec(k.image, k.gpu_workers, res, cmd,
+                              [{"name": "DASKPATH_CLUSTER", "value": "kubernetes"}])
+    _harden(worker["spec"], k.run_as_user, k.image_pull_policy)
+    worker["spec"]["tolerations"] = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    meta: dict[str, Any] = {"name": f"{name}-gpu"}
+    if k.namespace:
+        meta["namespace"] = k.namespace
+    return {"apiVersion": "kubernetes.dask.org/v1", "kind": "DaskWorkerGroup", "metadata": meta,
+            "spec": {"cluster": name, "worker": worker}}
+
+
+def _cpu_count(cpu: str) -> int:
+    s = str(cpu)
+    return max(1, int(float(s[:-1]) / 1000)) if s.endswith("m") else max(1, int(float(s)))
+
+
+def _k8s_memory(mem: str) -> str:
+    """Dask's ``--memory-limit`` for a pod memory limit: 90 % of it (``8Gi`` -> ``7730941132``),
+    so that dask spills and pauses before the kernel's OOM killer ends the pod."""
+    from dask.utils import parse_bytes
+
+    s = str(mem)
+    if s.endswith(("Ki", "Mi", "Gi", "Ti")):
+        s += "B"
+    return str(int(parse_bytes(s) * 0.9))
+
+
+# ------------------------------------------------------------------------------ GPU annotations
+def _workers(client) -> dict:
+    """All workers (recent distributed lists only the first 5 unless asked for all)."""
+    if _takes_n_workers(client):
+        return client.scheduler_info(n_workers=-1).get("workers", {})
+    return client.scheduler_info().get("workers", {})
+
+
+def _takes_n_workers(client) -> bool:
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def gpu_resources(client) -> bool:
+    """True when some worker of ``client``'s scheduler declares a ``GPU`` resource."""
+    return any(
+        (w.get("resources") or {}).get(GPU, 0) > 0 for w in _workers(client).values()
+    )
+
+
+def model_annotations(client) -> dict:
+    """Dask annotations for model tasks (GAN, StarDist): ``{"resources": {"GPU": 1}}`` when the
+    cluster has GPU workers, else ``{}`` (model tasks then run on CPU workers).
+
+    Use as ``with dask.annotate(**model_annotations(client)): ...``.
+    """
+    return {"resources": {GPU: 1}} if gpu_resources(client) else {}
+
+
+def _required_resources(annotations: Any) -> list[dict]:
+    """Resource requirements from an annotations dict or from dask collections' graphs."""
+    if annotations is None:
+        return []
+    if isinstance(annotations, Mapping):
+        res = annotations.get("resources")
+        return [dict(res)] if res else []
+    items = annotations if isinstance(annotations, (list, tuple, set)) else [annotations]
+    out: list[dict] = []
+    for item in items:
+        if isinstance(item, Mapping):
+            out += _required_resources(item)
+            continue
+        graph = item.__dask_graph__() if hasattr(item, "__dask_graph__") else item
+        layers = getattr(graph, "layers", None)
+        if layers is None:
+            continue
+        for layer in layers.values():
+            res = (getattr(layer, "annotations", None) or {}).get("resources")
+            if res and dict(res) not in out:
+                out.append(dict(res))
+    return out
+
+
+def check_runnable(client, annotations: Any) -> None:
+    """Raise :class:`DaskpathError` now if no worker can run tasks with these annotations.
+
+    The scheduler would otherwise keep such tasks waiting ("no-worker") forever.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    annotations : dict, dask collection, or a list of them
+        ``{"resources": {"GPU": 1}}`` (what :func:`model_annotations` returns), or collections
+        whose graph layers carry ``dask.annotate(resources=...)`` annotations.
+    """
+    needs = _required_resources(annotations)
+    workers = _workers(client)
+    if not workers:
+        raise DaskpathError(
+            f"no Dask worker is connected to the scheduler at {client.scheduler.address}; "
+            "start workers (or check the cluster's job/pod logs) and rerun"
+        )
+    have = [(w.get("resources") or {}) for w in workers.values()]
+    for need in needs:
+        if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in have):
+            offered = sorted({k for r in have for k in r}) or ["none"]
+            raise DaskpathError(
+                f"tasks need worker resources {need} but none of the {len(workers)} workers has "
+                f"them (resources offered: {', '.join(offered)}); start GPU workers "
+                "(cluster.kind: local-cuda, cluster.slurm.gpus, cluster.kubernetes.gpu_workers) "
+                "or submit without the resource annotation"
+            )
+
+
+# --------------------------------------------------------------------------------------- connect
 def quiet_distributed(level: int | None = None) -> None:
     """Keep distributed's own logging to errors (its teardown chatter is not for users).
 
@@ -46,8 +500,123 @@ def quiet_distributed(level: int | None = None) -> None:
     root = logging.getLogger("daskpath")
     if level is None:
         level = logging.INFO if root.getEffectiveLevel() <= logging.DEBUG - 5 else logging.ERROR
-    for name in ("distributed", "tornado", "bokeh"):
+    for name in ("distributed", "tornado", "bokeh", "dask_jobqueue", "dask_kubernetes", "kr8s"):
         logging.getLogger(name).setLevel(level)
+
+
+def _wait_for_workers(client, n: int, timeout: int, what: str) -> None:
+    try:
+        client.wait_for_workers(n, timeout=timeout)
+    except TimeoutError as e:
+        got = len(_workers(client))
+        raise DaskpathError(
+            f"only {got} of {n} Dask worker(s) joined within {timeout} s ({what}); raise "
+            "cluster.startup_timeout or check the worker logs"
+        ) from e
+
+
+@contextlib.contextmanager
+def _client_for(cluster, cfg: ClusterConfig, what: str, n_wait: int) -> Iterator:
+    from distributed import Client
+
+    with Client(cluster) as client:
+        log.info("%s, dashboard: %s", what, client.dashboard_link)
+        if n_wait:
+            _wait_for_workers(client, n_wait, cfg.startup_timeout, what)
+        yield client
+
+
+def _start_local_cuda(cfg: ClusterConfig):
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as e:
+        raise DaskpathError(
+            "cluster.kind 'local-cuda' needs dask-cuda: pip install 'daskpath[gpu]' "
+            f"(or use cluster.kind: local) ({e})"
+        ) from e
+    try:
+        n_gpus = _count_gpus(cfg)
+    except Exception as e:  # noqa: BLE001 - NVML missing, driver errors
+        raise DaskpathError(
+            f"cluster.kind 'local-cuda': no usable GPU ({type(e).__name__}: {e}); "
+            "use cluster.kind: local on machines without an NVIDIA GPU"
+        ) from e
+    if n_gpus < 1:
+        raise DaskpathError("cluster.kind 'local-cuda': no GPU found; use cluster.kind: local")
+    gpu, cpu = local_cuda_cluster_kwargs(cfg, n_gpus)
+    try:
+        cluster = LocalCUDACluster(**gpu)
+    except Exception as e:  # noqa: BLE001
+        raise DaskpathError(
+            f"cannot start LocalCUDACluster ({type(e).__name__}: {e}); check the NVIDIA driver "
+            "or use cluster.kind: local"
+        ) from e
+    try:
+        _add_cpu_workers(cluster, cpu, host=gpu.get("host"))
+    except Exception:
+        cluster.close()
+        raise
+    desc = (f"local-cuda cluster: {n_gpus} GPU worker(s) + {cpu['n_workers']} CPU worker(s) x "
+            f"{cpu['threads_per_worker']} threads")
+    return cluster, desc, n_gpus + cpu["n_workers"]
+
+
+def _start_slurm(cfg: ClusterConfig):
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as e:
+        raise DaskpathError("cluster.kind 'slurm' needs dask-jobqueue: pip install 'daskpath[slurm]'") from e
+    if shutil.which("sbatch") is None:
+        raise DaskpathError(
+            "cluster.kind 'slurm': sbatch is not on PATH; run daskpath on a SLURM login node "
+            "(or use cluster.kind: local / address)"
+        )
+    s = cfg.slurm
+    cluster = SLURMCluster(**slurm_cluster_kwargs(cfg))
+    try:
+        if s.adaptive:
+            cluster.adapt(minimum_jobs=s.minimum_jobs, maximum_jobs=s.maximum_jobs)
+            jobs = s.minimum_jobs
+        else:
+            cluster.scale(jobs=s.jobs)
+            jobs = s.jobs
+    except Exception:
+        cluster.close()
+        raise
+    per_job = s.gpus or s.processes
+    desc = f"SLURM cluster: {jobs} job(s) x {per_job} worker(s), scheduler {cluster.scheduler_address}"
+    return cluster, desc, 1 if jobs else 0
+
+
+def _start_kubernetes(cfg: ClusterConfig):
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError as e:
+        raise DaskpathError(
+            "cluster.kind 'kubernetes' needs dask-kubernetes: pip install 'daskpath[kubernetes]'"
+        ) from e
+    k = cfg.kubernetes
+    manifests = kubernetes_manifests(cfg)
+    try:
+        cluster = KubeCluster(custom_cluster_spec=manifests[0], namespace=k.namespace,
+                              resource_timeout=cfg.startup_timeout, quiet=True)
+    except Exception as e:  # noqa: BLE001 - credentials, API errors
+        raise DaskpathError(
+            f"cannot create the DaskCluster '{k.name}' ({type(e).__name__}: {e}); check kubectl "
+            "access and that the dask-kubernetes operator is installed (cluster/README.md)"
+        ) from e
+    if len(manifests) > 1:
+        try:
+            cluster.add_worker_group(name="gpu", n_workers=k.gpu_workers,
+                                     custom_spec=manifests[1]["spec"]["worker"])
+        except Exception:
+            cluster.close()
+            raise
+    desc = f"Kubernetes DaskCluster {k.name}: {k.workers} CPU + {k.gpu_workers} GPU worker pod(s)"
+    return cluster, desc, 1
+
+
+_STARTERS = {"local-cuda": _start_local_cuda, "slurm": _start_slurm, "kubernetes": _start_kubernetes}
 
 
 @contextlib.contextmanager
@@ -57,9 +626,16 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator:
     Parameters
     ----------
     cfg : ClusterConfig
-        ``kind`` is ``local`` (start a LocalCluster) or ``address`` (connect to ``address``).
+        ``kind`` is ``local``, ``local-cuda``, ``slurm``, ``kubernetes`` (start that cluster, wait
+        up to ``startup_timeout`` s for its first worker) or ``address`` (connect to ``address``).
     scheduler : str, optional
         An existing scheduler address; overrides ``cfg`` (the CLI's ``--scheduler``).
+
+    Raises
+    ------
+    DaskpathError
+        The package a kind needs is missing, the scheduler cannot be reached, no GPU, no worker
+        joined in time.
     """
     from distributed import Client, LocalCluster
 
@@ -80,6 +656,11 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator:
         finally:
             client.close()
         return
+    if cfg.kind in _STARTERS:
+        cluster, desc, n_wait = _STARTERS[cfg.kind](cfg)
+        with cluster, _client_for(cluster, cfg, desc, n_wait) as client:
+            yield client
+        return
     kwargs = local_cluster_kwargs(cfg)
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         log.info(
@@ -89,3 +670,14 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator:
             client.dashboard_link,
         )
         yield client
+
+
+def manifests_yaml(docs: Iterable[dict]) -> str:
+    """Kubernetes manifests as one multi-document YAML (no anchors: kubectl-friendly)."""
+    import yaml
+
+    class _NoAliases(yaml.SafeDumper):
+        def ignore_aliases(self, data):  # noqa: ARG002
+            return True
+
+    return "---\n".join(yaml.dump(d, Dumper=_NoAliases, sort_keys=False) for d in docs)

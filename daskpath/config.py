@@ -32,7 +32,7 @@ __all__ = [
 STAGES = ("preprocess", "nuclei", "translate", "baselines")
 AVAILABLE_STAGES = ("preprocess",)
 CLUSTER_KINDS = ("local", "local-cuda", "slurm", "kubernetes", "address")
-AVAILABLE_CLUSTERS = ("local", "address")
+AVAILABLE_CLUSTERS = CLUSTER_KINDS
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,69 @@ class LayersConfig:
 
 
 @dataclass(frozen=True)
+class CudaConfig:
+    """``cluster.kind: local-cuda``: one dask-cuda worker per GPU (resource ``GPU=1``)."""
+
+    visible_devices: str | None = None
+    threads_per_worker: int = 1
+    rmm_pool_size: str | None = None
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """``cluster.kind: slurm``: dask-jobqueue ``SLURMCluster``; each SLURM job runs workers."""
+
+    queue: str | None = None
+    account: str | None = None
+    cores: int = 4
+    memory: str = "16GiB"
+    processes: int = 1
+    gpus: int = 0
+    walltime: str = "04:00:00"
+    jobs: int = 1
+    adaptive: bool = False
+    minimum_jobs: int = 1
+    maximum_jobs: int = 10
+    job_extra_directives: tuple[str, ...] = ()
+    job_script_prologue: tuple[str, ...] = ()
+    python: str | None = None
+    log_directory: str | None = None
+    death_timeout: int = 60
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    """``cluster.kind: kubernetes``: a DaskCluster run by the dask-kubernetes operator."""
+
+    name: str = "daskpath"
+    namespace: str | None = None
+    image: str = "daskpath:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    workers: int = 2
+    worker_cpu: str = "2"
+    worker_memory: str = "8Gi"
+    gpu_workers: int = 0
+    gpu_worker_cpu: str = "4"
+    gpu_worker_memory: str = "32Gi"
+    run_as_user: int = 1000
+    idle_timeout: int = 0
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     kind: str = "local"
     address: str | None = None
     n_workers: int | None = None
     threads_per_worker: int | None = None
     memory_limit: str = "auto"
-    dashboard_address: str = "127.0.0.1:8787"
+    dashboard_address: str | None = "127.0.0.1:8787"
+    scheduler_host: str | None = "127.0.0.1"
+    interface: str | None = None
+    local_directory: str | None = None
+    startup_timeout: int = 600
+    cuda: CudaConfig = field(default_factory=CudaConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
 
 @dataclass(frozen=True)
@@ -236,18 +292,55 @@ def _check(cfg: Config) -> None:
         raise bad("tissue.sigma", cfg.tissue.sigma, "must be >= 0 px")
     if cfg.layers.downsample < 0:
         raise bad("layers.downsample", cfg.layers.downsample, "0 (off) or a factor >= 1")
-    if cfg.cluster.kind not in CLUSTER_KINDS:
-        raise bad("cluster.kind", cfg.cluster.kind, f"one of {', '.join(CLUSTER_KINDS)}")
-    if cfg.cluster.kind not in AVAILABLE_CLUSTERS:
+    _check_cluster(cfg.cluster, bad)
+
+
+def _check_cluster(c: ClusterConfig, bad: typing.Callable[[str, Any, str], ConfigError]) -> None:
+    """The ``cluster.*`` checks (packages are checked when the cluster starts, not here)."""
+    if c.kind not in CLUSTER_KINDS:
+        raise bad("cluster.kind", c.kind, f"one of {', '.join(CLUSTER_KINDS)}")
+    if c.kind not in AVAILABLE_CLUSTERS:
         raise bad(
             "cluster.kind",
-            cfg.cluster.kind,
+            c.kind,
             f"not implemented in this version (available: {', '.join(AVAILABLE_CLUSTERS)})",
         )
-    if cfg.cluster.n_workers is not None and cfg.cluster.n_workers < 1:
-        raise bad("cluster.n_workers", cfg.cluster.n_workers, "at least 1 (or null)")
-    if cfg.cluster.threads_per_worker is not None and cfg.cluster.threads_per_worker < 1:
-        raise bad("cluster.threads_per_worker", cfg.cluster.threads_per_worker, ">= 1 (or null)")
+    min_workers = 0 if c.kind == "local-cuda" else 1  # local-cuda: 0 = GPU workers only
+    if c.n_workers is not None and c.n_workers < min_workers:
+        raise bad("cluster.n_workers", c.n_workers, f"at least {min_workers} (or null)")
+    if c.threads_per_worker is not None and c.threads_per_worker < 1:
+        raise bad("cluster.threads_per_worker", c.threads_per_worker, ">= 1 (or null)")
+    if c.startup_timeout < 1:
+        raise bad("cluster.startup_timeout", c.startup_timeout, "seconds to wait for workers, >= 1")
+    if c.cuda.threads_per_worker < 1:
+        raise bad("cluster.cuda.threads_per_worker", c.cuda.threads_per_worker, ">= 1")
+    s = c.slurm
+    for key, value in (("cores", s.cores), ("processes", s.processes), ("jobs", s.jobs),
+                       ("minimum_jobs", s.minimum_jobs), ("maximum_jobs", s.maximum_jobs)):
+        if value < (0 if key == "minimum_jobs" else 1):
+            raise bad(f"cluster.slurm.{key}", value, "must be >= 1 (minimum_jobs >= 0)")
+    if s.gpus < 0:
+        raise bad("cluster.slurm.gpus", s.gpus, "GPUs per job, >= 0")
+    if s.minimum_jobs > s.maximum_jobs:
+        raise bad("cluster.slurm.minimum_jobs", s.minimum_jobs,
+                  f"must be <= cluster.slurm.maximum_jobs ({s.maximum_jobs})")
+    if s.processes > s.cores:
+        raise bad("cluster.slurm.processes", s.processes,
+                  f"worker processes per job must be <= cluster.slurm.cores ({s.cores})")
+    if s.gpus and s.gpus > s.cores:
+        raise bad("cluster.slurm.gpus", s.gpus,
+                  f"one worker per GPU needs at least one core each (cluster.slurm.cores = {s.cores})")
+    k = c.kubernetes
+    if k.workers < 0 or k.gpu_workers < 0:
+        raise bad("cluster.kubernetes.workers", (k.workers, k.gpu_workers), "replicas must be >= 0")
+    if k.workers + k.gpu_workers < 1:
+        raise bad("cluster.kubernetes.workers", k.workers,
+                  "at least one worker (workers or gpu_workers)")
+    if k.run_as_user < 1:
+        raise bad("cluster.kubernetes.run_as_user", k.run_as_user, "a non-root uid (>= 1)")
+    if k.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+        raise bad("cluster.kubernetes.image_pull_policy", k.image_pull_policy,
+                  "Always, IfNotPresent or Never")
 
 
 def load_config(

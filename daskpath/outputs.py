@@ -69,6 +69,7 @@ def _nan_to_none(obj: Any) -> Any:
 
 def replace_dir(tmp: Path, final: Path) -> Path:
     """Move a finished directory ``tmp`` to ``final``, replacing an older one."""
+    final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

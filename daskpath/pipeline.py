@@ -11,15 +11,17 @@ and does not stop the others.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import shutil
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import dask.array as da
 import numpy as np
 import pandas as pd
 
@@ -53,10 +55,12 @@ class SlidePlan:
     shape: tuple[int, int]
     chunks: tuple[tuple[int, ...], tuple[int, ...]]
     mpp: float | None
-    sums: da.Array
-    layers: list = field(default_factory=list)  # (dask array, zarr array) pairs to store
-    layer_dir: Path | None = None
+    sums: Any  # Delayed -> ndarray (n_ty, n_tx, 3)
+    work_dir: Path | None = None
     layer_tmp: Path | None = None
+    layer_dir: Path | None = None
+    n_done: int = 0  # chunks already recorded by an earlier (interrupted) run
+    tasks: list = field(default_factory=list)  # (loc, Delayed) per chunk
 
     @property
     def n_chunks(self) -> int:
@@ -72,107 +76,199 @@ class RunResult:
     slides: pd.DataFrame
     failures: pd.DataFrame
     seconds: float
+    chunks_computed: int = 0
+    chunks_total: int = 0
 
     @property
     def ok(self) -> bool:
         return self.failures.empty
 
 
-def plan_preprocess(slide: str, he: str | Path, ihc: str | Path, cfg: Config, output_dir: Path | None = None) -> SlidePlan:
+THUMBNAIL_SIDE = 1024
+"""Longest side (px) of the RGB thumbnails stored with the layers (for the report)."""
+
+
+def _preprocess_key(cfg: Config) -> dict:
+    """The config keys a preprocessing result depends on (for the resume fingerprint)."""
+    return {
+        "chunk_size": cfg.chunk_size,
+        "tiles": cfg.tiles.size,
+        "tissue": dataclasses.asdict(cfg.tissue),
+        "ssim": {"sigma": cfg.ssim.sigma, "dtype": cfg.ssim.dtype},
+        "layers": cfg.layers.downsample,
+        "version": 1,
+    }
+
+
+def _preprocess_chunk(
+    t_he: np.ndarray,
+    t_ihc: np.ndarray,
+    ssim: np.ndarray,
+    he: np.ndarray,
+    ihc: np.ndarray,
+    *,
+    loc: tuple[int, int, int, int],
+    tile: int,
+    layers: str | None,
+    factor: int,
+    step: int,
+) -> dict[str, np.ndarray]:
+    """Per-tile partial sums of one chunk; writes its region of the layers (if any) first."""
+    from daskpath.tiles import chunk_tile_sums
+
+    y0, y1, x0, x1 = loc
+    sums, (ty, tx) = chunk_tile_sums([t_he, t_ihc, ssim], loc, tile)
+    if layers is not None:
+        import zarr
+
+        root = zarr.open_group(layers, mode="r+")
+        if factor and y0 % factor == 0 and x0 % factor == 0:
+            h, w = (y1 - y0) // factor, (x1 - x0) // factor
+            for name, m in (("tissue_he", t_he), ("tissue_ihc", t_ihc), ("ssim", ssim)):
+                arr = root[name]
+                hh = min(h, arr.shape[0] - y0 // factor)
+                ww = min(w, arr.shape[1] - x0 // factor)
+                if hh <= 0 or ww <= 0:
+                    continue
+                m = m[: hh * factor, : ww * factor].astype(np.float32)
+                small = m.reshape(hh, factor, ww, factor).mean(axis=(1, 3))
+                arr[y0 // factor : y0 // factor + hh, x0 // factor : x0 // factor + ww] = small
+        for name, rgb in (("thumbnail_he", he), ("thumbnail_ihc", ihc)):
+            oy, ox = (-y0) % step, (-x0) % step
+            small = rgb[oy::step, ox::step]
+            ty0, tx0 = -(-y0 // step), -(-x0 // step)
+            if small.size:
+                root[name][ty0 : ty0 + small.shape[0], tx0 : tx0 + small.shape[1]] = small
+    return {"sums": sums, "origin": np.array([ty, tx], dtype=np.int64)}
+
+
+def _combine(parts: list[dict[str, np.ndarray]], n_ty: int, n_tx: int, k: int) -> np.ndarray:
+    total = np.zeros((n_ty, n_tx, k), dtype=np.float64)
+    for p in parts:
+        ty, tx = (int(v) for v in p["origin"])
+        s = p["sums"]
+        total[ty : ty + s.shape[0], tx : tx + s.shape[1]] += s
+    return total
+
+
+def plan_preprocess(
+    slide: str,
+    he: str | Path,
+    ihc: str | Path,
+    cfg: Config,
+    output_dir: Path | None = None,
+) -> SlidePlan:
     """Build the lazy preprocessing graph of one pair (nothing is computed).
 
-    Returns a plan whose ``sums`` has shape (n_ty, n_tx, 3): per-tile sums of the H&E tissue
-    mask, the IHC tissue mask and the SSIM map.
+    One task chain per chunk: read both slides (with the halo), tissue masks, SSIM map, then a
+    chunk task that reduces them to per-tile partial sums and writes the chunk's region of the
+    layers. With ``output_dir``, each finished chunk is recorded under
+    ``output_dir/work/<slide>/<fingerprint>/`` so an interrupted run resumes (see
+    :mod:`daskpath.resume`). ``plan.sums`` is a Delayed giving (n_ty, n_tx, 3): per-tile sums of
+    the H&E tissue mask, the IHC tissue mask and the SSIM map.
     """
+    import dask
+
     from daskpath.io import open_pair
+    from daskpath.resume import chunk_tasks, fingerprint
     from daskpath.similarity import ssim_map
-    from daskpath.tiles import tile_sums
     from daskpath.tissue import tissue_mask
 
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else (output_dir or Path(cfg.output_dir)) / "cache"
+    out = output_dir
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else (out or Path(cfg.output_dir)) / "cache"
     ds = open_pair(he, ihc, chunk_size=cfg.chunk_size, cache_dir=cache)
     he_a = ds["he"].data
     ihc_a = ds["ihc"].data
     t_he = tissue_mask(he_a, threshold=cfg.tissue.threshold, sigma=cfg.tissue.sigma)
     t_ihc = tissue_mask(ihc_a, threshold=cfg.tissue.threshold, sigma=cfg.tissue.sigma)
     ssim = ssim_map(he_a, ihc_a, sigma=cfg.ssim.sigma, dtype=cfg.ssim.dtype)
-    sums = tile_sums([t_he, t_ihc, ssim], cfg.tiles.size)
+    # the overlap may merge small edge chunks: bring the images onto the maps' grid
+    if he_a.chunks[:2] != t_he.chunks:
+        he_a = he_a.rechunk(t_he.chunks + (3,))
+        ihc_a = ihc_a.rechunk(t_he.chunks + (3,))
     mpp = ds["he"].attrs.get("mpp")
-    plan = SlidePlan(
+    shape = (int(he_a.shape[0]), int(he_a.shape[1]))
+    size = cfg.tiles.size
+    n_ty, n_tx = -(-shape[0] // size), -(-shape[1] // size)
+
+    work = layers = None
+    step = 1 << max(0, int(np.ceil(np.log2(max(shape) / THUMBNAIL_SIDE))))
+    f = cfg.layers.downsample
+    if out is not None:
+        key = fingerprint(_preprocess_key(cfg), [he, ihc])
+        work = out / "work" / slide / f"preprocess-{key}"
+        if cfg.overwrite and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        if f:
+            layers = work / "layers.zarr"
+            if not layers.exists():
+                _create_layers(layers, shape, t_he.chunks, f, step, slide, mpp)
+    tasks = chunk_tasks(
+        _preprocess_chunk,
+        [t_he, t_ihc, ssim, he_a, ihc_a],
+        work / "chunks" if work is not None else None,
+        name=f"preprocess-{slide}",
+        tile=size,
+        layers=str(layers) if layers is not None else None,
+        factor=f,
+        step=step,
+    )
+    n_done = 0
+    if work is not None:
+        n_done = sum(1 for _ in (work / "chunks").glob("*.npz"))
+    sums = dask.delayed(_combine, pure=True)([t for _, t in tasks], n_ty, n_tx, 3)
+    return SlidePlan(
         slide=slide,
-        shape=(int(he_a.shape[0]), int(he_a.shape[1])),
-        chunks=(he_a.chunks[0], he_a.chunks[1]),
+        shape=shape,
+        chunks=(t_he.chunks[0], t_he.chunks[1]),
         mpp=float(mpp) if mpp else None,
         sums=sums,
+        work_dir=work,
+        layer_tmp=layers,
+        layer_dir=(out / "layers" / f"{slide}.zarr") if (out is not None and layers is not None) else None,
+        n_done=n_done,
+        tasks=tasks,
     )
-    f = cfg.layers.downsample
-    if f and output_dir is not None:
-        plan.layer_dir = output_dir / "layers" / f"{slide}.zarr"
-        plan.layer_tmp = output_dir / "layers" / f".{slide}.zarr.partial"
-        plan.layers = _plan_layers(
-            plan.layer_tmp,
-            f,
-            {"tissue_he": t_he, "tissue_ihc": t_ihc, "ssim": ssim},
-            slide,
-            mpp,
-            thumbnails={"thumbnail_he": he_a, "thumbnail_ihc": ihc_a},
-        )
-    return plan
 
 
-THUMBNAIL_SIDE = 1024
-"""Longest side (px) of the RGB thumbnails stored with the layers (for the report)."""
-
-
-def _plan_layers(
-    path: Path,
-    factor: int,
-    maps: dict[str, da.Array],
-    slide: str,
-    mpp,
-    thumbnails: dict[str, da.Array] | None = None,
-) -> list:
-    """Downsample per-pixel maps by ``factor`` (block mean) and prepare zarr targets.
-
-    RGB ``thumbnails`` are strided (every k-th pixel, k a power of two so the longest side is at
-    most :data:`THUMBNAIL_SIDE`); they reuse the chunks the maps read, so they cost no extra I/O.
-    """
+def _create_layers(path: Path, shape, chunks, factor: int, step: int, slide: str, mpp) -> None:
+    """Empty layer arrays whose zarr chunks are the slide chunks / factor (one writer each)."""
     import zarr
 
-    if path.exists():
-        shutil.rmtree(path)
-    root = zarr.open_group(str(path), mode="w")
-    out = []
-    step = 1
-    for name, rgb in (thumbnails or {}).items():
-        step = 1 << max(0, int(np.ceil(np.log2(max(rgb.shape[:2]) / THUMBNAIL_SIDE))))
-        small = rgb[::step, ::step]
-        target = root.create_array(
-            name, shape=small.shape, chunks=small.shape, dtype=np.uint8, fill_value=255
+    tmp = path.with_name(path.name + ".creating")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    root = zarr.open_group(str(tmp), mode="w")
+    cy, cx = max(chunks[0]), max(chunks[1])
+    h, w = shape[0] // factor, shape[1] // factor
+    for name in ("tissue_he", "tissue_ihc", "ssim"):
+        root.create_array(
+            name,
+            shape=(h, w),
+            chunks=(max(1, cy // factor), max(1, cx // factor)),
+            dtype=np.float32,
+            fill_value=np.nan,
         )
-        out.append((small.rechunk(small.shape), target))
+    th, tw = -(-shape[0] // step), -(-shape[1] // step)
+    for name in ("thumbnail_he", "thumbnail_ihc"):
+        root.create_array(
+            name,
+            shape=(th, tw, 3),
+            chunks=(max(1, cy // step), max(1, cx // step), 3),
+            dtype=np.uint8,
+            fill_value=255,
+        )
     root.attrs.update(
         {
             "slide": slide,
             "downsample": factor,
             "thumbnail_step": step,
             "mpp": mpp,
-            "layers": list(maps),
+            "layers": ["tissue_he", "tissue_ihc", "ssim"],
         }
     )
-    for name, m in maps.items():
-        m = m.astype(np.float32)
-        h = (m.shape[0] // factor) * factor
-        w = (m.shape[1] // factor) * factor
-        m = m[:h, :w]
-        if any(c % factor for c in m.chunks[0][:-1] + m.chunks[1][:-1]):
-            m = m.rechunk(factor * max(1, 2048 // factor))
-        small = da.coarsen(np.mean, m, {0: factor, 1: factor}, trim_excess=True)
-        target = root.create_array(
-            name, shape=small.shape, chunks=(1024, 1024), dtype=np.float32, fill_value=np.nan
-        )
-        out.append((small.rechunk(1024), target))
-    return out
+    os.replace(tmp, path)
 
 
 def tiles_from_sums(slide: str, shape: tuple[int, int], sums: np.ndarray, cfg: Config) -> pd.DataFrame:
@@ -290,6 +386,7 @@ def _run(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: f
     window = max(2, len(client.scheduler_info().get("workers", {})))
     pending = list(todo)
     futures: dict = {}
+    counts = [0, 0]  # chunks computed, chunks total
     ac = as_completed()
 
     def submit_next() -> None:
@@ -305,40 +402,39 @@ def _run(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: f
                 failures.append({"slide": slide, "stage": "open", "error": f"{type(e).__name__}: {e}"})
                 _tick(bar, progress, slide, done, len(manifest))
                 continue
-            work = [plan.sums]
-            if plan.layers:
-                srcs, targets = zip(*plan.layers)
-                work.append(da.store(list(srcs), list(targets), lock=False, compute=False))
-            fut = client.compute(work)
-            f_sums = fut[0]
-            futures[f_sums] = (plan, fut)
-            ac.add(f_sums)
+            counts[0] += plan.n_chunks - plan.n_done
+            counts[1] += plan.n_chunks
+            if plan.n_done:
+                log.info("slide %s: resuming, %d of %d chunks already done", slide, plan.n_done, plan.n_chunks)
+            fut = client.compute(plan.sums)
+            futures[fut] = plan
+            ac.add(fut)
 
     submit_next()
     while futures:
         f = next(ac)
-        plan, fut = futures.pop(f)
+        plan = futures.pop(f)
         try:
-            results = [x.result() for x in fut]
-            sums = results[0]
+            sums = f.result()
             tiles = tiles_from_sums(plan.slide, plan.shape, np.asarray(sums), cfg)
-            tiles.attrs["mpp"] = plan.mpp
             if plan.layer_tmp is not None and plan.layer_dir is not None:
                 replace_dir(plan.layer_tmp, plan.layer_dir)
             part = tiles.copy()
             part["mpp"] = plan.mpp if plan.mpp else np.nan
             write_table(part, _part_path(out, plan.slide))
+            if plan.work_dir is not None:
+                shutil.rmtree(plan.work_dir, ignore_errors=True)
         except Exception as e:  # noqa: BLE001
             msg = str(e) if isinstance(e, DaskpathError) else f"{type(e).__name__}: {e}"
             log.debug("slide %s failed:\n%s", plan.slide, traceback.format_exc())
             failures.append({"slide": plan.slide, "stage": "preprocess", "error": msg})
-            if plan.layer_tmp is not None and plan.layer_tmp.exists():
-                shutil.rmtree(plan.layer_tmp, ignore_errors=True)
         _tick(bar, progress, plan.slide, done, len(manifest))
         submit_next()
     if bar is not None:
         bar.close()
-    return _assemble(cfg, manifest, out, failures, t0)
+    res = _assemble(cfg, manifest, out, failures, t0)
+    res.chunks_computed, res.chunks_total = counts
+    return res
 
 
 def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dict], t0: float) -> RunResult:

@@ -15,7 +15,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-__all__ = ["tile_grid", "tile_sums", "tile_means"]
+__all__ = ["chunk_tile_sums", "tile_grid", "tile_sums", "tile_means"]
 
 
 def tile_grid(shape: tuple[int, int], size: int) -> pd.DataFrame:
@@ -50,6 +50,36 @@ def _edges(start: int, stop: int, size: int) -> tuple[np.ndarray, int]:
     first = start // size
     bounds = np.arange((first + 1) * size, stop, size) - start
     return np.concatenate([[0], bounds]).astype(np.intp), first
+
+
+def chunk_tile_sums(
+    blocks: Sequence[np.ndarray], loc: tuple[int, int, int, int], size: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Sums of each 2-D block over the tiles it intersects.
+
+    Parameters
+    ----------
+    blocks : sequence of ndarray, shape (y1 - y0, x1 - x0)
+        Per-pixel maps of one chunk.
+    loc : (y0, y1, x0, x1)
+        Where the chunk lies in the slide.
+    size : int
+        Tile side.
+
+    Returns
+    -------
+    sums : ndarray, shape (n_ty_chunk, n_tx_chunk, len(blocks)), float64
+    origin : (ty, tx)
+        Global index of the first tile the chunk touches.
+    """
+    y0, y1, x0, x1 = loc
+    ey, fy = _edges(y0, y1, size)
+    ex, fx = _edges(x0, x1, size)
+    out = np.empty((len(ey), len(ex), len(blocks)), dtype=np.float64)
+    for k, b in enumerate(blocks):
+        rows = np.add.reduceat(b, ey, axis=0, dtype=np.float64)
+        out[:, :, k] = np.add.reduceat(rows, ex, axis=1)
+    return out, (fy, fx)
 
 
 def _partial_sums(*blocks: np.ndarray, size: int, n_ty: int, n_tx: int, block_info=None):

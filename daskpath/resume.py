@@ -1,0 +1,170 @@
+"""Resumable per-chunk work: each chunk's result is recorded on disk as it finishes.
+
+A stage that reduces a slide chunk by chunk (per-tile partial sums, nucleus tables, ...) runs
+one task per chunk through :func:`chunk_tasks`. The task writes its result to
+``record_dir/<iy>_<ix>.<ext>`` under a temporary name and renames it when complete, so a record
+that exists is finished work (the explicit done-record: zarr's "chunk exists" is not, since zarr
+3 skips all-fill chunks). On a rerun, finished chunks are loaded instead of recomputed and their
+inputs are not even read (the graph is culled), so an interrupted run recomputes no more than the
+chunks that were in flight.
+
+``record_dir`` should name everything the result depends on (see :func:`fingerprint`): a change
+of input file or of a result-relevant config key starts a fresh record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+__all__ = ["chunk_grid", "chunk_tasks", "fingerprint", "load_record", "record_path"]
+
+
+def fingerprint(obj: Any, files: list[str | Path] = ()) -> str:
+    """Short hash of a JSON-able object plus the identity (path, size, mtime) of ``files``."""
+    ident = []
+    for f in files:
+        p = Path(f)
+        try:
+            st = p.stat()
+            ident.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        except OSError:
+            ident.append([str(p), None, None])
+    blob = json.dumps([obj, ident], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def chunk_grid(chunks: tuple[tuple[int, ...], ...]) -> list[tuple[int, int, int, int, int, int]]:
+    """``(iy, ix, y0, y1, x0, x1)`` of every chunk of a 2-D (or 2-D + channel) chunking."""
+    ys = np.concatenate([[0], np.cumsum(chunks[0])]).astype(int)
+    xs = np.concatenate([[0], np.cumsum(chunks[1])]).astype(int)
+    return [
+        (iy, ix, int(ys[iy]), int(ys[iy + 1]), int(xs[ix]), int(xs[ix + 1]))
+        for iy in range(len(chunks[0]))
+        for ix in range(len(chunks[1]))
+    ]
+
+
+def record_path(record_dir: Path, iy: int, ix: int, kind: str = "npz") -> Path:
+    return Path(record_dir) / f"{iy}_{ix}.{kind}"
+
+
+def load_record(path: str | Path) -> Any:
+    """Load a chunk record: ``.npz`` -> dict of arrays (no pickle), ``.parquet`` -> DataFrame."""
+    path = str(path)
+    if path.endswith(".parquet"):
+        import pandas as pd
+
+        return pd.read_parquet(path)
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _save(result: Any, tmp: str, kind: str) -> None:
+    if kind == "parquet":
+        result.to_parquet(tmp, index=False)
+    else:
+        with open(tmp, "wb") as f:
+            np.savez(f, **result)
+
+
+def _run_and_record(
+    func: Callable[..., Any],
+    path: str,
+    kind: str,
+    loc: tuple[int, int, int, int],
+    *blocks: np.ndarray,
+    **kw: Any,
+) -> Any:
+    result = func(*blocks, loc=loc, **kw)
+    tmp = f"{path}.partial-{os.getpid()}-{threading.get_ident()}"
+    try:
+        _save(result, tmp, kind)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return result
+
+
+def chunk_tasks(
+    func: Callable[..., Any],
+    arrays: list[da.Array],
+    record_dir: str | Path | None,
+    *,
+    name: str = "chunk",
+    kind: str = "npz",
+    select: Callable[[tuple[int, int, int, int]], bool] | None = None,
+    annotations: dict | None = None,
+    **kwargs: Any,
+) -> list[tuple[tuple[int, int, int, int], Any]]:
+    """One delayed task per chunk of ``arrays`` (identical 2-D chunk grids), recorded on disk.
+
+    Parameters
+    ----------
+    func : callable
+        ``func(*blocks, loc=(y0, y1, x0, x1), **kwargs) -> result``: gets the numpy blocks of
+        every array for one chunk. The result is a dict of numpy arrays (``kind="npz"``) or a
+        DataFrame (``kind="parquet"``); it should be small (it is gathered).
+    arrays : list of dask.array.Array
+        2-D maps or (y, x, c) images, all with the same chunks on the first two axes.
+    record_dir : path or None
+        Where finished chunks are recorded; ``None`` disables recording (nothing is resumed).
+    select : callable, optional
+        ``select(loc) -> bool``: only chunks for which it is true get a task.
+    annotations : dict, optional
+        Dask annotations for the chunk tasks (e.g. ``{"resources": {"GPU": 1}}``).
+
+    Returns
+    -------
+    list of (loc, Delayed)
+        For finished chunks the delayed loads the record; its inputs are not in the graph.
+    """
+    first = arrays[0]
+    for a in arrays[1:]:
+        if a.chunks[:2] != first.chunks[:2]:
+            raise ValueError(f"chunk_tasks: chunks differ: {a.chunks[:2]} vs {first.chunks[:2]}")
+    if record_dir is not None:
+        Path(record_dir).mkdir(parents=True, exist_ok=True)
+    load = dask.delayed(load_record, pure=True)
+    out = []
+    for iy, ix, y0, y1, x0, x1 in chunk_grid(first.chunks):
+        loc = (y0, y1, x0, x1)
+        if select is not None and not select(loc):
+            continue
+        if record_dir is not None:
+            path = record_path(Path(record_dir), iy, ix, kind)
+            if path.exists():
+                out.append((loc, load(str(path), dask_key_name=f"{name}-load-{_tok(path)}")))
+                continue
+        blocks = []
+        for a in arrays:
+            idx = (iy, ix) + (0,) * (a.ndim - 2)
+            blocks.append(a.blocks[idx])
+        key = f"{name}-{dask.base.tokenize(func, [b.name for b in blocks], kwargs, loc)}"
+        with dask.annotate(**(annotations or {})):
+            if record_dir is not None:
+                task = dask.delayed(_run_and_record, pure=True)(
+                    func, str(path), kind, loc, *blocks, dask_key_name=key, **kwargs
+                )
+            else:
+                task = dask.delayed(_call, pure=True)(func, loc, *blocks, dask_key_name=key, **kwargs)
+        out.append((loc, task))
+    return out
+
+
+def _call(func: Callable[..., Any], loc, *blocks: np.ndarray, **kw: Any) -> Any:
+    return func(*blocks, loc=loc, **kw)
+
+
+def _tok(path: Path) -> str:
+    return hashlib.md5(str(path).encode()).hexdigest()[:12]
