@@ -79,7 +79,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from daskpath.pipeline import run
 
     cfg = load_config(args.config, args.set or [])
-    res = run(cfg, scheduler=args.scheduler, progress=not args.no_progress)
+    res = run(
+        cfg,
+        scheduler=args.scheduler,
+        progress=not args.no_progress,
+        performance_report=args.performance_report,
+    )
     _print_result(res)
     return 0 if res.ok else 1
 
@@ -172,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set tiles.size=2048 (repeatable)")
     s.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--performance-report", metavar="FILE.html", default=None,
+                   help="write Dask's performance report of the run to this file")
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("demo", help="synthetic pair + whole pipeline on a local cluster")

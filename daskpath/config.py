@@ -135,6 +135,7 @@ class Config:
     cache_dir: str | None = None
     stages: tuple[str, ...] = ("preprocess",)
     overwrite: bool = False
+    retries: int = 2
     tiles: TilesConfig = field(default_factory=TilesConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
     ssim: SsimConfig = field(default_factory=SsimConfig)
@@ -272,6 +273,8 @@ def _check(cfg: Config) -> None:
                 f"stage '{s}' is not implemented in this version (available: "
                 f"{', '.join(AVAILABLE_STAGES)})",
             )
+    if not 0 <= cfg.retries <= 20:
+        raise bad("retries", cfg.retries, "use 0..20")
     if not cfg.stages:
         raise bad("stages", [], "give at least one stage, e.g. [preprocess]")
     if cfg.chunk_size is not None and not 256 <= cfg.chunk_size <= 32768:

@@ -116,8 +116,14 @@ def _preprocess_chunk(
     """Per-tile partial sums of one chunk; writes its region of the layers (if any) first."""
     from daskpath.tiles import chunk_tile_sums
 
+    from daskpath.monitor import count
+
     y0, y1, x0, x1 = loc
     sums, (ty, tx) = chunk_tile_sums([t_he, t_ihc, ssim], loc, tile)
+    count("chunks_processed")
+    count("pixels_processed", float(t_he.size))
+    # each tile counted once: by the chunk holding its top-left corner
+    count("tiles_processed", len(range(-(-y0 // tile) * tile, y1, tile)) * len(range(-(-x0 // tile) * tile, x1, tile)))
     if layers is not None:
         import zarr
 
@@ -334,6 +340,7 @@ def run(
     client=None,
     scheduler: str | None = None,
     progress: bool | Callable[[str, int, int], None] = False,
+    performance_report: str | Path | None = None,
 ) -> RunResult:
     """Run the configured stages on every slide of the manifest.
 
@@ -346,7 +353,9 @@ def run(
     scheduler : str, optional
         Address of an existing scheduler (ignored when ``client`` is given).
     progress : bool or callable
-        ``True`` shows a progress bar over slides; a callable gets ``(slide, done, total)``.
+        ``True`` shows progress bars (slides, chunks); a callable gets ``(slide, done, total)``.
+    performance_report : path, optional
+        Write Dask's performance report (task stream, profiles, bandwidth) to this HTML file.
 
     Returns
     -------
@@ -366,12 +375,23 @@ def run(
     t0 = time.perf_counter()
     if client is None:
         with connect(cfg.cluster, scheduler) as c:
-            return _run(cfg, manifest, out, c, progress, t0)
-    return _run(cfg, manifest, out, client, progress, t0)
+            return _run_reported(cfg, manifest, out, c, progress, t0, performance_report)
+    return _run_reported(cfg, manifest, out, client, progress, t0, performance_report)
+
+
+def _run_reported(cfg, manifest, out, client, progress, t0, report) -> RunResult:
+    if report is None:
+        return _run(cfg, manifest, out, client, progress, t0)
+    from distributed import performance_report
+
+    Path(report).parent.mkdir(parents=True, exist_ok=True)
+    with performance_report(filename=str(report)):
+        return _run(cfg, manifest, out, client, progress, t0)
 
 
 def _run(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: float) -> RunResult:
-    from distributed import as_completed
+    """Plan slides a few at a time, compute their chunk tasks, finish each slide as it completes."""
+    from distributed import as_completed, span
 
     failures: list[dict] = []
     todo: list[tuple[str, str, str]] = []
@@ -381,42 +401,52 @@ def _run(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: f
             continue
         todo.append((row.slide, row.he, row.ihc))
 
-    bar = _bar(progress, total=len(manifest), initial=len(manifest) - len(todo))
+    bars = _bars(progress, total=len(manifest), initial=len(manifest) - len(todo))
     done = [len(manifest) - len(todo)]
-    window = max(2, len(client.scheduler_info().get("workers", {})))
+    n_workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+    window = max(2, n_workers)  # slides in flight: enough chunks to keep every worker busy
     pending = list(todo)
-    futures: dict = {}
+    inflight: dict[str, dict] = {}  # slide -> {"plan", "futures", "left"}
     counts = [0, 0]  # chunks computed, chunks total
     ac = as_completed()
 
+    def fail(slide: str, stage: str, e: BaseException) -> None:
+        msg = str(e) if isinstance(e, DaskpathError) else f"{type(e).__name__}: {e}"
+        log.debug("slide %s failed in %s:\n%s", slide, stage, traceback.format_exc())
+        failures.append({"slide": slide, "stage": stage, "error": msg})
+        _tick(bars, progress, slide, done, len(manifest))
+
     def submit_next() -> None:
-        while pending and len(futures) < window:
+        while pending and len(inflight) < window:
             slide, he, ihc = pending.pop(0)
             try:
-                plan = plan_preprocess(slide, he, ihc, cfg, output_dir=out)
-            except DaskpathError as e:
-                failures.append({"slide": slide, "stage": "open", "error": str(e)})
-                _tick(bar, progress, slide, done, len(manifest))
-                continue
+                with span(f"daskpath-{slide}"):
+                    plan = plan_preprocess(slide, he, ihc, cfg, output_dir=out)
             except Exception as e:  # noqa: BLE001 - one bad slide must not sink the cohort
-                failures.append({"slide": slide, "stage": "open", "error": f"{type(e).__name__}: {e}"})
-                _tick(bar, progress, slide, done, len(manifest))
+                fail(slide, "open", e)
                 continue
             counts[0] += plan.n_chunks - plan.n_done
             counts[1] += plan.n_chunks
             if plan.n_done:
                 log.info("slide %s: resuming, %d of %d chunks already done", slide, plan.n_done, plan.n_chunks)
-            fut = client.compute(plan.sums)
-            futures[fut] = plan
-            ac.add(fut)
+            futs = client.compute([t for _, t in plan.tasks], retries=cfg.retries)
+            if bars is not None:
+                bars[1].total += len(futs)
+                bars[1].update(0)
+            inflight[slide] = {"plan": plan, "futures": futs, "left": len(futs)}
+            for fu in futs:
+                ac.add(fu)
+                fu.slide = slide  # type: ignore[attr-defined]
+            if not futs:  # nothing to compute (empty selection)
+                finish(slide)
 
-    submit_next()
-    while futures:
-        f = next(ac)
-        plan = futures.pop(f)
+    def finish(slide: str) -> None:
+        item = inflight.pop(slide)
+        plan: SlidePlan = item["plan"]
         try:
-            sums = f.result()
-            tiles = tiles_from_sums(plan.slide, plan.shape, np.asarray(sums), cfg)
+            parts = [f.result() for f in item["futures"]]
+            sums = _combine(parts, *_tile_shape(plan.shape, cfg.tiles.size), 3)
+            tiles = tiles_from_sums(plan.slide, plan.shape, sums, cfg)
             if plan.layer_tmp is not None and plan.layer_dir is not None:
                 replace_dir(plan.layer_tmp, plan.layer_dir)
             part = tiles.copy()
@@ -424,17 +454,45 @@ def _run(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: f
             write_table(part, _part_path(out, plan.slide))
             if plan.work_dir is not None:
                 shutil.rmtree(plan.work_dir, ignore_errors=True)
+            _tick(bars, progress, slide, done, len(manifest))
         except Exception as e:  # noqa: BLE001
-            msg = str(e) if isinstance(e, DaskpathError) else f"{type(e).__name__}: {e}"
-            log.debug("slide %s failed:\n%s", plan.slide, traceback.format_exc())
-            failures.append({"slide": plan.slide, "stage": "preprocess", "error": msg})
-        _tick(bar, progress, plan.slide, done, len(manifest))
-        submit_next()
-    if bar is not None:
-        bar.close()
+            fail(slide, "preprocess", e)
+        finally:
+            for f in item["futures"]:
+                f.release()
+
+    submit_next()
+    for fu in ac:
+        slide = fu.slide  # type: ignore[attr-defined]
+        item = inflight.get(slide)
+        if item is None:  # slide already failed
+            continue
+        if bars is not None:
+            bars[1].update(1)
+        if fu.status == "error":
+            inflight.pop(slide)
+            try:
+                fu.result()
+            except Exception as e:  # noqa: BLE001
+                fail(slide, "preprocess", e)
+            for f in item["futures"]:
+                f.cancel()
+            submit_next()
+            continue
+        item["left"] -= 1
+        if item["left"] == 0:
+            finish(slide)
+            submit_next()
+    if bars is not None:
+        for b in bars:
+            b.close()
     res = _assemble(cfg, manifest, out, failures, t0)
     res.chunks_computed, res.chunks_total = counts
     return res
+
+
+def _tile_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
+    return -(-shape[0] // size), -(-shape[1] // size)
 
 
 def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dict], t0: float) -> RunResult:
@@ -470,18 +528,22 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dic
     return RunResult(out, tiles, slides, fail_df, time.perf_counter() - t0)
 
 
-def _bar(progress, total: int, initial: int):
+def _bars(progress, total: int, initial: int):
+    """Two progress bars: slides (overall) and chunks (all stages)."""
     if progress is True:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, unit="slide", desc="slides")
+        return (
+            tqdm(total=total, initial=initial, unit="slide", desc="slides", position=0),
+            tqdm(total=0, unit="chunk", desc="chunks", position=1, leave=False),
+        )
     return None
 
 
-def _tick(bar, progress, slide: str, done: list[int], total: int) -> None:
+def _tick(bars, progress, slide: str, done: list[int], total: int) -> None:
     done[0] += 1
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix_str(slide)
+    if bars is not None:
+        bars[0].update(1)
+        bars[0].set_postfix_str(slide)
     elif callable(progress):
         progress(slide, done[0], total)
