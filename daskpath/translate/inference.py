@@ -1,0 +1,673 @@
+"""Seam-free, batched H&E -> virtual IHC translation over dask chunks.
+
+Tiling and halo rule
+--------------------
+Every dask chunk is read with a halo of ``halo`` pixels (``map_overlap``, ``boundary="none"``:
+no halo beyond the slide edge, as in a whole-image run). Inside the halo'd block, windows of
+``tile`` pixels step by ``core = tile - 2 * halo``; each window contributes only its core (it is
+**center-cropped** by ``halo`` on every side that is not a block edge), or, with
+``blend="feather"``, all of it with weights that ramp linearly to zero over the ``halo`` px next
+to its inner edges. Windows are stacked ``batch_size`` at a time into one forward pass.
+
+With ``halo`` at least half the generator's receptive field (88 px for ``resnet_9blocks``,
+64 for ``resnet_6blocks``; :attr:`GeneratorSpec.default_halo`) each kept output pixel sees all of
+its context, so for a network without per-tile statistics the tiled result equals a whole-image
+forward pass up to float rounding, provided window origins fall on the network's stride grid:
+``tile``, ``halo`` and the chunk sizes are multiples of 4 for ResNets (the input is rechunked to
+a multiple of 4 when it is not). U-Nets see their whole window, so their tiles never equal a
+whole-image pass; feathered blending hides the differences.
+
+Normalisation statistics
+------------------------
+Instance norm (and batch norm in train mode, which the reference test script uses unless
+``--eval``) normalises every window with its own statistics, so colours jump between windows.
+``norm_stats="slide"`` (the default for instance norm) replaces those layers with
+:class:`FrozenNorm` layers holding slide-level per-channel statistics measured once, by
+:func:`slide_norm_stats`, on a sample of tissue tiles of the slide (one pooled pass: each layer
+normalises with the statistics of all sampled tiles together, as if they were one image).
+``"tile"`` keeps per-window statistics (the reference behaviour), ``"running"`` uses batch norm's
+running statistics (eval mode, the default for batch norm). :func:`seam_energy` measures the
+result: mean gradient magnitude across window borders over the same in the interior (1 = no seam).
+
+Workers
+-------
+The graph holds a small picklable :class:`TranslatorRef` (model path or shipped name, spec and
+the frozen statistics as numbers), never a network. Each worker process builds the network once
+through :func:`get_generator`, a cache guarded by a lock. On CUDA the network runs in
+``channels_last`` with fp16 autocast (``amp="bf16"`` for bfloat16); tasks can be annotated with
+``resources={"GPU": 1}`` so that dask-cuda workers take them.
+``DASKPATH_TORCH_THREADS`` (environment) caps torch's intra-op threads in a worker process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from daskpath.errors import ConfigError, ModelError
+from daskpath.translate.checkpoints import GeneratorSpec, load_generator, read_spec, _resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    import dask.array as da
+    import torch
+    from torch import nn
+
+__all__ = [
+    "NormStats",
+    "TranslatorRef",
+    "FrozenNorm",
+    "resolve_translator",
+    "get_generator",
+    "slide_norm_stats",
+    "freeze_norm",
+    "fold_norm",
+    "sample_tiles",
+    "run_generator",
+    "translate_array",
+    "translate",
+    "window_starts",
+    "seam_positions",
+    "seam_energy",
+]
+
+Blend = Literal["crop", "feather"]
+NormMode = Literal["auto", "slide", "tile", "running"]
+
+
+# --------------------------------------------------------------------------------------------
+# references, statistics and the per-process cache
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NormStats:
+    """Frozen per-layer statistics: ``{module name: (mean tuple, var tuple)}`` plus a token."""
+
+    layers: tuple[tuple[str, tuple[float, ...], tuple[float, ...]], ...]
+    token: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, tuple[np.ndarray, np.ndarray]]) -> NormStats:
+        layers = tuple((k, tuple(float(v) for v in m), tuple(float(v) for v in s))
+                       for k, (m, s) in sorted(d.items()))
+        token = hashlib.sha1(repr(layers).encode()).hexdigest()[:16]
+        return cls(layers, token)
+
+
+@dataclass(frozen=True)
+class TranslatorRef:
+    """What a task needs to rebuild a generator: model (name or path), spec, norm handling."""
+
+    model: str
+    spec: GeneratorSpec
+    norm: Literal["slide", "tile", "running"] = "running"
+    stats: NormStats | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> tuple:
+        p = Path(self.model)
+        mtime = p.stat().st_mtime_ns if p.exists() else 0
+        return (self.model, mtime, self.spec, self.norm, self.stats.token if self.stats else None)
+
+
+def resolve_translator(model: str | os.PathLike[str] | TranslatorRef,
+                       spec: GeneratorSpec | None = None) -> TranslatorRef:
+    """A :class:`TranslatorRef` for a shipped name, folder or ``.pth`` file (spec read, not weights)."""
+    if isinstance(model, TranslatorRef):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelError(f"translate model must be a name or path, got {type(model).__name__}; "
+                         "save the network with daskpath.translate.save_generator and pass the folder")
+    p, folder = _resolve(model)
+    if spec is None:
+        spec = read_spec(folder if folder is not None else p.parent)
+    if spec is None:  # bare checkpoint: infer the architecture from the keys (loads once here)
+        spec = load_generator(p)[1]
+    return TranslatorRef(str(p), spec)
+
+
+_LOCK = threading.Lock()
+_CACHE: dict[tuple, Any] = {}
+
+
+def _torch_threads() -> None:
+    n = os.environ.get("DASKPATH_TORCH_THREADS")
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, int(n)))
+
+
+def _device(device: str | None):
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def get_generator(ref: TranslatorRef, device: str | None = None):
+    """The generator for ``ref`` on ``device``, built once per process (under a lock)."""
+    dev = _device(device)
+    key = (*ref.key, str(dev))
+    net = _CACHE.get(key)
+    if net is not None:
+        return net
+    with _LOCK:
+        net = _CACHE.get(key)
+        if net is None:
+            _torch_threads()
+            net, _ = load_generator(ref.model, ref.spec, device="cpu", eval=ref.norm != "tile")
+            if ref.norm == "slide":
+                if ref.stats is None:
+                    raise ModelError(f"{ref.model}: norm 'slide' needs statistics; "
+                                     "use slide_norm_stats() or translate(norm_stats='slide')")
+                freeze_norm(net, ref.stats)
+                fold_norm(net)
+            elif ref.norm == "running":
+                fold_norm(net)
+            elif ref.norm == "tile":
+                _tile_norm_mode(net)
+            net.to(dev)
+            if dev.type == "cuda":
+                import torch
+
+                net = net.to(memory_format=torch.channels_last)
+            _CACHE[key] = net
+    return net
+
+
+def _tile_norm_mode(net: nn.Module) -> None:
+    """Per-window statistics everywhere: batch norm in train mode (no running update), dropout off."""
+    from torch import nn
+
+    net.eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+            m.track_running_stats = False
+            m.running_mean = None
+            m.running_var = None
+
+
+@functools.cache
+def _frozen_norm_class():
+    from torch import nn
+
+    class FrozenNorm(nn.Module):
+        """Per-channel ``(x - mean) / sqrt(var + eps) * weight + bias`` with fixed statistics.
+
+        ``mode="collect"`` normalises with the statistics of the whole batch (pooled over
+        ``N, H, W``) and accumulates them; ``mode="frozen"`` uses the accumulated ones.
+        """
+
+        def __init__(self, channels: int, eps: float, weight=None, bias=None) -> None:
+            import torch
+
+            super().__init__()
+            self.eps = float(eps)
+            self.register_buffer("mean", torch.zeros(channels))
+            self.register_buffer("var", torch.ones(channels))
+            self.weight = None if weight is None else nn.Parameter(weight.detach().clone(), requires_grad=False)
+            self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+            self.mode = "frozen"
+            self._n = 0
+
+        def forward(self, x):
+            import torch
+
+            if self.mode == "collect":
+                xf = x.float()
+                m = xf.mean(dim=(0, 2, 3))
+                v = xf.var(dim=(0, 2, 3), unbiased=False)
+                n = self._n
+                # running average of means and of E[x^2] over calibration batches
+                ex2 = self.var + self.mean**2 if n else torch.zeros_like(m)
+                mean = (self.mean * n + m) / (n + 1) if n else m
+                ex2 = (ex2 * n + v + m**2) / (n + 1)
+                self.mean.copy_(mean)
+                self.var.copy_(ex2 - mean**2)
+                self._n = n + 1
+                mean_b, var_b = m, v
+            else:
+                mean_b, var_b = self.mean, self.var
+            shape = (1, -1, 1, 1)
+            scale = torch.rsqrt(var_b + self.eps)
+            w = scale if self.weight is None else scale * self.weight
+            b = -mean_b * w if self.bias is None else self.bias - mean_b * w
+            return x * w.to(x.dtype).view(shape) + b.to(x.dtype).view(shape)
+
+    return FrozenNorm
+
+
+def FrozenNorm(*args, **kw):  # noqa: N802 - a class built lazily (torch is imported on use)
+    """Build a frozen-statistics norm layer (see :func:`freeze_norm`)."""
+    return _frozen_norm_class()(*args, **kw)
+
+
+def _norm_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    from torch import nn
+
+    return [(n, m) for n, m in net.named_modules()
+            if isinstance(m, (nn.InstanceNorm2d, nn.BatchNorm2d)) or type(m).__name__ == "FrozenNorm"]
+
+
+def _replace(net: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    setattr(parent, leaf, new)
+
+
+def _to_frozen(net: nn.Module) -> list[nn.Module]:
+    from torch import nn
+
+    out = []
+    for name, m in _norm_layers(net):
+        if type(m).__name__ == "FrozenNorm":
+            out.append(m)
+            continue
+        affine = isinstance(m, nn.BatchNorm2d) and m.affine or getattr(m, "affine", False)
+        new = FrozenNorm(m.num_features, m.eps, m.weight if affine else None, m.bias if affine else None)
+        new.to(next(net.parameters()).device)
+        _replace(net, name, new)
+        out.append(new)
+    return out
+
+
+def freeze_norm(net: nn.Module, stats: NormStats) -> nn.Module:
+    """Replace every instance/batch norm layer of ``net`` by a :class:`FrozenNorm` with ``stats``."""
+    import torch
+
+    _to_frozen(net)
+    layers = dict(_norm_layers(net))
+    names = {name for name, _, _ in stats.layers}
+    if names != set(layers):
+        raise ModelError(f"norm statistics cover layers {sorted(names)[:3]}... but the network has "
+                         f"{sorted(layers)[:3]}...; recompute them for this model")
+    for name, mean, var in stats.layers:
+        m = layers[name]
+        m.mean.copy_(torch.tensor(mean))
+        m.var.copy_(torch.tensor(var))
+        m.mode = "frozen"
+    return net
+
+
+def fold_norm(net: nn.Module) -> nn.Module:
+    """Fold eval-mode norms into the conv before them (``conv -> norm`` inside a Sequential).
+
+    A :class:`FrozenNorm` or an eval-mode ``BatchNorm2d`` after a ``Conv2d`` /
+    ``ConvTranspose2d`` is an affine map per output channel: it is merged into the conv's weight
+    and bias and replaced by an identity, saving one pass over every activation.
+    """
+    import torch
+    from torch import nn
+
+    from daskpath.translate.networks import Identity
+
+    for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
+        kids = list(seq.named_children())
+        for (_, conv), (name, norm) in zip(kids, kids[1:]):
+            if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) or conv.groups != 1:
+                continue
+            if type(norm).__name__ == "FrozenNorm" and norm.mode == "frozen":
+                mean, var, w, b = norm.mean, norm.var, norm.weight, norm.bias
+            elif isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_mean is not None:
+                mean, var, w, b = norm.running_mean, norm.running_var, norm.weight, norm.bias
+            else:
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(var + norm.eps)
+                if w is not None:
+                    scale = scale * w
+                shift = -mean * scale + (b if b is not None else 0.0)
+                shape = (1, -1, 1, 1) if isinstance(conv, nn.ConvTranspose2d) else (-1, 1, 1, 1)
+                conv.weight.mul_(scale.view(shape))
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+                new_bias = bias * scale + shift
+                conv.bias = nn.Parameter(new_bias, requires_grad=False)
+            setattr(seq, name, Identity())
+    return net
+
+
+def _to_tensor(batch: np.ndarray, spec: GeneratorSpec, device, channels_last: bool = False):
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(spec.input_mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.input_std, device=device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _to_uint8(y) -> np.ndarray:
+    """The reference's ``tensor2im``: ``(y + 1) / 2 * 255``, truncated to uint8 (NHWC)."""
+    y = y.float().clamp_(-1.0, 1.0).add_(1.0).mul_(127.5)
+    return y.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+
+
+def run_generator(net: nn.Module, batch: np.ndarray, spec: GeneratorSpec, *,
+                  device=None, amp: str | bool | None = None, raw: bool = False):
+    """One forward pass on a ``(N, H, W, 3)`` uint8 batch; returns uint8 NHWC (or float in [-1, 1]).
+
+    ``amp``: None (fp16 autocast on CUDA, off on CPU), False, ``"fp16"`` or ``"bf16"``.
+    """
+    import torch
+
+    dev = next(net.parameters()).device if device is None else _device(device)
+    cl = dev.type == "cuda"
+    x = _to_tensor(batch, spec, dev, channels_last=cl)
+    mode = ("fp16" if dev.type == "cuda" else None) if amp is None or amp is True else amp
+    if mode and mode not in ("fp16", "bf16"):
+        raise ConfigError(f"amp={amp!r} must be None, False, 'fp16' or 'bf16'")
+    ctx = (torch.autocast(dev.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
+           if mode else contextlib.nullcontext())
+    with torch.inference_mode(), ctx:
+        y = net(x)
+        if raw:
+            return y.float().permute(0, 2, 3, 1).cpu().numpy()
+        return _to_uint8(y)
+
+
+def sample_tiles(image, n: int = 16, tile: int = 256, seed: int = 0, min_tissue: float = 0.25,
+                 multiple: int = 4) -> np.ndarray:
+    """``n`` random ``tile``-px windows of an RGB image (numpy or dask) with tissue, ``(n, t, t, 3)``.
+
+    Window origins are multiples of ``multiple``; tissue is any pixel with a channel below 215.
+    Windows with less than ``min_tissue`` tissue are skipped (unless too few qualify).
+    """
+    import dask
+    import dask.array as da
+
+    h, w = image.shape[:2]
+    t = int(min(tile, h // multiple * multiple, w // multiple * multiple))
+    rng = np.random.default_rng(seed)
+    ys = rng.integers(0, (h - t) // multiple + 1, size=4 * n) * multiple
+    xs = rng.integers(0, (w - t) // multiple + 1, size=4 * n) * multiple
+    wins = [image[y:y + t, x:x + t] for y, x in zip(ys, xs)]
+    if isinstance(image, da.Array):
+        wins = list(dask.compute(*wins))
+    wins = [np.asarray(v) for v in wins]
+    frac = np.array([(v.min(axis=2) < 215).mean() for v in wins])
+    order = np.argsort(~(frac >= min_tissue), kind="stable")
+    return np.stack([wins[i] for i in order[:n]])
+
+
+def slide_norm_stats(net: nn.Module, tiles: np.ndarray, spec: GeneratorSpec, *,
+                     batch_size: int = 8, device=None) -> NormStats:
+    """Slide-level statistics of every norm layer, from sample tiles ``(N, H, W, 3)`` uint8.
+
+    The network's instance/batch norms are turned into :class:`FrozenNorm` layers in ``collect``
+    mode; each batch is normalised with its pooled statistics and the per-layer means and second
+    moments are averaged over batches. ``net`` is left with frozen layers holding them.
+    """
+    import torch
+
+    layers = _to_frozen(net)
+    if not layers:
+        return NormStats.from_dict({})
+    for m in layers:
+        m.mode, m._n = "collect", 0
+    dev = next(net.parameters()).device if device is None else _device(device)
+    with torch.no_grad():
+        for i in range(0, len(tiles), batch_size):
+            net(_to_tensor(tiles[i:i + batch_size], spec, dev))
+    for m in layers:
+        m.mode = "frozen"
+    return NormStats.from_dict({n: (m.mean.cpu().numpy(), m.var.cpu().numpy())
+                                for n, m in _norm_layers(net)})
+
+
+# --------------------------------------------------------------------------------------------
+# windows
+# --------------------------------------------------------------------------------------------
+def window_starts(length: int, tile: int, halo: int) -> list[int]:
+    """Window origins along one axis: steps of ``tile - 2 halo``, the last one flush with the end."""
+    if length <= tile:
+        return [0]
+    core = tile - 2 * halo
+    starts = list(range(0, length - tile, core))
+    starts.append(length - tile)
+    return sorted(set(starts))
+
+
+def seam_positions(length: int, tile: int, halo: int, blend: Blend = "crop") -> list[int]:
+    """Pixel indices ``i`` where output from one window meets the next (between ``i-1`` and ``i``)."""
+    starts = window_starts(length, tile, halo)
+    if blend == "crop":
+        return [s + tile - halo for s in starts[:-1]]
+    return [s + tile // 2 for s in starts[:-1]]
+
+
+def _weights_1d(start: int, tile: int, length: int, halo: int, blend: Blend) -> np.ndarray:
+    i = np.arange(tile, dtype=np.float64)
+    lo_edge, hi_edge = start == 0, start + tile >= length
+    d = np.full(tile, np.inf)
+    if not lo_edge:
+        d = np.minimum(d, i + 0.5)
+    if not hi_edge:
+        d = np.minimum(d, tile - i - 0.5)
+    if blend == "crop":
+        return np.where(d > halo, 1.0, 1e-6)
+    return np.clip(d / max(halo, 1), 1e-6, 1.0)
+
+
+def _pad_to(block: np.ndarray, h: int, w: int) -> np.ndarray:
+    ph, pw = h - block.shape[0], w - block.shape[1]
+    if ph <= 0 and pw <= 0:
+        return block
+    return np.pad(block, ((0, max(ph, 0)), (0, max(pw, 0)), (0, 0)), mode="symmetric")
+
+
+def translate_array(
+    rgb: np.ndarray,
+    net: nn.Module,
+    spec: GeneratorSpec,
+    *,
+    tile: int | None = None,
+    halo: int | None = None,
+    batch_size: int = 8,
+    blend: Blend = "crop",
+    amp: str | bool | None = None,
+) -> np.ndarray:
+    """Translate one in-memory RGB image ``(H, W, 3)`` uint8 with overlapping windows.
+
+    See the module docstring for the window, crop and feather rules. ``tile`` and ``halo``
+    default to the spec's. Returns ``(H, W, 3)`` uint8.
+    """
+    tile = int(tile or spec.tile)
+    halo = int(spec.halo if halo is None else halo)
+    m = spec.multiple
+    if tile % m or tile <= 2 * halo:
+        raise ConfigError(f"translate: tile={tile} must be a multiple of {m} and > 2*halo ({2 * halo})")
+    if blend not in ("crop", "feather"):
+        raise ConfigError(f"translate: blend={blend!r} must be 'crop' or 'feather'")
+    h, w = rgb.shape[:2]
+    # pad at the far end to the stride multiple (and to one window when the image is small)
+    hp = max(-(-h // m) * m, min(tile, -(-h // m) * m))
+    wp = max(-(-w // m) * m, min(tile, -(-w // m) * m))
+    th, tw = min(tile, hp), min(tile, wp)
+    if spec.arch.startswith("unet"):
+        hp, wp, th, tw = max(hp, tile), max(wp, tile), tile, tile
+    img = _pad_to(rgb, hp, wp)
+    ys, xs = window_starts(hp, th, halo), window_starts(wp, tw, halo)
+    acc = np.zeros((hp, wp, 3), np.float32)
+    wsum = np.zeros((hp, wp, 1), np.float32)
+    wy = {y: _weights_1d(y, th, hp, halo, blend) for y in ys}
+    wx = {x: _weights_1d(x, tw, wp, halo, blend) for x in xs}
+    wins = [(y, x) for y in ys for x in xs]
+    for i in range(0, len(wins), batch_size):
+        part = wins[i:i + batch_size]
+        batch = np.stack([img[y:y + th, x:x + tw] for y, x in part])
+        out = run_generator(net, batch, spec, amp=amp)
+        for (y, x), o in zip(part, out):
+            wgt = (wy[y][:, None] * wx[x][None, :]).astype(np.float32)[..., None]
+            acc[y:y + th, x:x + tw] += o * wgt
+            wsum[y:y + th, x:x + tw] += wgt
+    res = acc / wsum
+    return np.clip(np.rint(res), 0, 255).astype(np.uint8)[:h, :w]
+
+
+class _TranslateBlock:
+    """Picklable per-chunk function: load the generator from the cache, translate the block."""
+
+    def __init__(self, ref: TranslatorRef, tile: int, halo: int, batch_size: int, blend: Blend,
+                 device: str | None, amp) -> None:
+        self.ref, self.tile, self.halo = ref, tile, halo
+        self.batch_size, self.blend, self.device, self.amp = batch_size, blend, device, amp
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        net = get_generator(self.ref, self.device)
+        return translate_array(block, net, self.ref.spec, tile=self.tile, halo=self.halo,
+                               batch_size=self.batch_size, blend=self.blend, amp=self.amp)
+
+
+def _aligned(chunks: tuple[int, ...], m: int, depth: int) -> tuple[int, ...]:
+    """Chunks that are multiples of ``m`` and at least ``depth`` (the last takes the rest)."""
+    total = sum(chunks)
+    size = max(-(-max(chunks) // m) * m, -(-depth // m) * m, m)
+    n = max(1, total // size)
+    out = [size] * n
+    rest = total - size * n
+    if rest:
+        if rest < depth and out:
+            out[-1] += rest
+        else:
+            out.append(rest)
+    return tuple(out)
+
+
+def translate(
+    he,
+    model: str | os.PathLike[str] | TranslatorRef = "phantom",
+    *,
+    tile: int | None = None,
+    halo: int | None = None,
+    batch_size: int = 8,
+    blend: Blend = "crop",
+    norm_stats: NormMode | NormStats = "auto",
+    n_stat_tiles: int = 16,
+    stat_tile: int | None = None,
+    device: str | None = None,
+    amp: str | bool | None = None,
+    resources: dict[str, float] | None = None,
+    seed: int = 0,
+) -> da.Array:
+    """Lazy virtual IHC of an H&E slide, on the H&E's pixel grid.
+
+    Parameters
+    ----------
+    he : dask.array.Array, shape (y, x, 3), uint8
+        The H&E slide.
+    model : str, Path or TranslatorRef
+        Shipped model name (``"phantom"``), model folder, or checkpoint ``.pth``.
+    tile, halo : int, optional
+        Window side and per-side context margin (default: the spec's; ``halo`` should be at
+        least half the receptive field, the spec's default). The dask ``map_overlap`` depth is
+        ``halo`` too.
+    batch_size : int
+        Windows per forward pass.
+    blend : {"crop", "feather"}
+        Center-crop each window to its core, or blend overlaps with linear ramps.
+    norm_stats : {"auto", "slide", "tile", "running"} or NormStats
+        How instance/batch norm layers get their statistics (module docstring). ``"auto"``:
+        ``"slide"`` for instance norm, ``"running"`` (eval mode) for batch norm.
+    n_stat_tiles, stat_tile : int
+        Number and side of the tissue tiles sampled for slide-level statistics.
+    device : str, optional
+        ``"cuda"``, ``"cpu"``, ...; default: CUDA when the worker has it.
+    amp : None, False, "fp16" or "bf16"
+        Autocast (default fp16 on CUDA, off on CPU).
+    resources : dict, optional
+        Dask resource annotation of the translation tasks, e.g. ``{"GPU": 1}``.
+
+    Returns
+    -------
+    dask.array.Array, shape (y, x, 3), uint8
+        Chunked like ``he`` (rechunked to multiples of the network stride if needed).
+    """
+    import dask
+    import dask.array as da
+
+    if not isinstance(he, da.Array):
+        he = da.asarray(he)
+    if he.ndim != 3 or he.shape[2] != 3 or he.dtype != np.uint8:
+        raise ConfigError(f"translate: expected a (y, x, 3) uint8 RGB array, got {he.shape} {he.dtype}")
+    ref = resolve_translator(model)
+    spec = ref.spec
+    tile = int(tile or spec.tile)
+    halo = int(spec.halo if halo is None else halo)
+    m = spec.multiple
+    if tile % m or tile <= 2 * halo or halo < 0:
+        raise ConfigError(f"translate: tile={tile} must be a multiple of {m} and > 2*halo ({2 * halo})")
+    if isinstance(norm_stats, NormStats):
+        ref = TranslatorRef(ref.model, spec, "slide", norm_stats)
+    else:
+        mode = norm_stats
+        if mode == "auto":
+            mode = "slide" if spec.norm == "instance" else "running"
+        if mode not in ("slide", "tile", "running"):
+            raise ConfigError(f"translate: norm_stats={norm_stats!r} must be auto, slide, tile or running")
+        if mode == "running" and spec.norm == "instance":
+            mode = "tile"  # instance norm has no running statistics
+        stats = None
+        if mode == "slide":
+            net, _ = load_generator(ref.model, spec)
+            tiles = sample_tiles(he, n_stat_tiles, stat_tile or min(tile, 256), seed, multiple=m)
+            stats = slide_norm_stats(net, tiles, spec)
+        ref = TranslatorRef(ref.model, spec, mode, stats)
+    # window origins on the stride grid: chunks and depth multiples of 4 for ResNets
+    step = 4 if m == 4 else 1
+    depth = -(-halo // step) * step
+    he = he.rechunk({0: _aligned(he.chunks[0], step, depth), 1: _aligned(he.chunks[1], step, depth),
+                     2: 3})
+    fn = _TranslateBlock(ref, tile, halo, batch_size, blend, device, amp)
+    ctx = dask.annotate(resources=resources) if resources else contextlib.nullcontext()
+    with ctx:
+        out = da.map_overlap(fn, he, depth={0: depth, 1: depth, 2: 0}, boundary="none", trim=True,
+                             dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8),
+                             name=f"translate-{hashlib.sha1(repr((ref.key, tile, halo, blend, amp)).encode()).hexdigest()[:8]}"
+                             + "-" + dask.base.tokenize(he))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# seams
+# --------------------------------------------------------------------------------------------
+def seam_energy(image: np.ndarray, seams_y: list[int] | None = None, seams_x: list[int] | None = None,
+                *, period: int | None = None, offset: int = 0) -> dict[str, float]:
+    """Gradient energy across window borders relative to the interior.
+
+    ``border`` is the mean absolute difference between the pixels on either side of each seam
+    (``|I[:, s] - I[:, s-1]|`` over rows and channels, and the same for horizontal seams);
+    ``interior`` the same mean over all other adjacent pixel pairs. ``ratio = border /
+    interior``: about 1 when seams are invisible, > 1 when colours jump at window borders.
+    Seams are given as lists, or as ``offset + k * period``.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    h, w = img.shape[:2]
+    if period is not None:
+        seams_y = list(range(offset, h, period))[1:] if seams_y is None else seams_y
+        seams_x = list(range(offset, w, period))[1:] if seams_x is None else seams_x
+    seams_y = [s for s in (seams_y or []) if 0 < s < h]
+    seams_x = [s for s in (seams_x or []) if 0 < s < w]
+    dx = np.abs(np.diff(img, axis=1)).mean(axis=(0, 2))  # (w-1,) between x-1 and x at index x-1
+    dy = np.abs(np.diff(img, axis=0)).mean(axis=(1, 2))
+    mx = np.zeros(w - 1, bool)
+    my = np.zeros(h - 1, bool)
+    mx[[s - 1 for s in seams_x]] = True
+    my[[s - 1 for s in seams_y]] = True
+    border_vals = np.concatenate([dx[mx] * h, dy[my] * w])
+    border_n = mx.sum() * h + my.sum() * w
+    inter = (dx[~mx].sum() * h + dy[~my].sum() * w) / max((~mx).sum() * h + (~my).sum() * w, 1)
+    border = float(border_vals.sum() / border_n) if border_n else float("nan")
+    return {"border": border, "interior": float(inter), "ratio": border / float(inter) if inter else float("nan")}

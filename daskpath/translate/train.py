@@ -1,0 +1,579 @@
+"""Train H&E -> IHC generators: pix2pix, pyramid pix2pix (BCI) and CycleGAN.
+
+Losses (as in pytorch-CycleGAN-and-pix2pix and BCI):
+
+* ``pix2pix``: conditional PatchGAN on ``cat(A, B)`` (vanilla GAN loss) + ``lambda_l1 * L1``
+  (``lambda_l1 = 100``).
+* ``pyramid`` (BCI's pyramid pix2pix): the pix2pix GAN term + ``lambda_pyramid * sum_s L1_s``
+  (replacing the single-scale term)
+  over four scales (full, 1/2, 1/4, 1/8); each octave blurs with a 3x3 Gaussian (sigma 1) four
+  times, then keeps every second pixel (``lambda_pyramid = 25``).
+* ``cyclegan``: LSGAN for ``G_A: A->B`` and ``G_B: B->A`` + ``lambda_cycle * L1`` cycle terms
+  (10 each way) + ``lambda_identity * lambda_cycle * L1`` identity terms (0.5), discriminators fed
+  from 50-image pools.
+
+Adam (lr 2e-4, betas 0.5/0.999), constant for ``epochs`` then linear decay to zero over
+``epochs_decay`` (the reference's ``linear`` policy). Every run writes into ``out_dir``:
+
+``latest_net_G.pth`` (pix2pix/pyramid) or ``latest_net_G_A.pth`` / ``latest_net_G_B.pth``
+(CycleGAN), discriminators ``latest_net_D*.pth``, ``<epoch>_net_*.pth`` every ``save_every``
+epochs, ``daskpath.json`` (so the folder is a model folder), ``train_state.pt`` (optimisers,
+schedulers, epoch: what ``resume=True`` continues from), ``loss_log.csv`` (one row per step) and
+``loss_log.png``.
+
+Data: :func:`phantom_pairs` renders aligned H&E / IHC regions of phantom slides (the IHC window
+is taken at the known section offset, so pairs are pixel-aligned for pix2pix);
+:func:`folder_pairs` reads the reference's ``trainA/``, ``trainB/`` folders (pairs by sorted file
+name). Crops are random, with flips and 90-degree rotations applied to both images alike.
+Everything random is drawn from ``seed`` (torch, numpy), so a run is reproducible on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daskpath.errors import ConfigError, DaskpathError
+from daskpath.translate.checkpoints import GeneratorSpec, SPEC_NAME, build_generator, save_generator
+from daskpath.translate.networks import define_D, init_weights
+
+__all__ = [
+    "TrainConfig",
+    "phantom_pairs",
+    "folder_pairs",
+    "PairSampler",
+    "GANLoss",
+    "ImagePool",
+    "gaussian_pyramid",
+    "pyramid_l1",
+    "train",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+Mode = Literal["pix2pix", "pyramid", "cyclegan"]
+
+
+@dataclass
+class TrainConfig:
+    """Training options (names follow the reference's command line where one exists)."""
+
+    mode: Mode = "pix2pix"
+    arch: str = "resnet_6blocks"
+    ngf: int = 16
+    ndf: int = 16
+    norm: str = "instance"
+    dropout: bool = False
+    n_layers_d: int = 3
+    crop: int = 128
+    batch_size: int = 4
+    epochs: int = 10
+    epochs_decay: int = 0
+    steps_per_epoch: int = 50
+    lr: float = 2e-4
+    beta1: float = 0.5
+    gan_mode: str | None = None  # default: vanilla for pix2pix/pyramid, lsgan for cyclegan
+    lambda_gan: float = 1.0
+    lambda_l1: float = 100.0
+    lambda_pyramid: float = 25.0
+    lambda_cycle: float = 10.0
+    lambda_identity: float = 0.5
+    pool_size: int = 50
+    save_every: int = 5
+    seed: int = 0
+    tile: int = 512
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pix2pix", "pyramid", "cyclegan"):
+            raise ConfigError(f"train: mode={self.mode!r} must be pix2pix, pyramid or cyclegan")
+        if self.crop % 4 or self.crop < 32:
+            raise ConfigError(f"train: crop={self.crop} must be a multiple of 4 and >= 32")
+        if self.arch.startswith("unet") and self.crop % (256 if self.arch == "unet_256" else 128):
+            raise ConfigError(f"train: crop={self.crop} must be a multiple of {self.arch[5:]} for {self.arch}")
+        for k in ("batch_size", "epochs", "steps_per_epoch", "save_every"):
+            if not (isinstance(getattr(self, k), int) and getattr(self, k) >= 1):
+                raise ConfigError(f"train: {k}={getattr(self, k)!r} must be a positive integer")
+        if self.gan_mode is None:
+            self.gan_mode = "lsgan" if self.mode == "cyclegan" else "vanilla"
+        if self.gan_mode not in ("vanilla", "lsgan"):
+            raise ConfigError(f"train: gan_mode={self.gan_mode!r} must be vanilla or lsgan")
+
+    def spec(self) -> GeneratorSpec:
+        return GeneratorSpec(arch=self.arch, ngf=self.ngf, norm=self.norm, dropout=self.dropout,
+                             tile=self.tile)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+def phantom_pairs(
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    regions_per_seed: int = 4,
+    region: int = 512,
+    size: tuple[int, int] = (4096, 4096),
+    offset: tuple[int, int] | None = None,
+    min_tissue: float = 0.6,
+    rng_seed: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Aligned ``(he, ihc)`` uint8 regions of phantom slides (no files written).
+
+    For each slide seed, ``regions_per_seed`` windows of ``region`` px with at least
+    ``min_tissue`` tissue are rendered with :func:`daskpath.synthetic.render_region`; the IHC
+    window is shifted by the section offset, so nucleus ``i`` sits at the same pixel in both.
+    """
+    from daskpath.synthetic import DEFAULT_OFFSET, render_region
+
+    dy, dx = DEFAULT_OFFSET if offset is None else offset
+    rng = np.random.default_rng(rng_seed)
+    out = []
+    for s in seeds:
+        got, tries = 0, 0
+        while got < regions_per_seed and tries < 50 * regions_per_seed:
+            tries += 1
+            y0 = int(rng.integers(0, size[0] - region))
+            x0 = int(rng.integers(0, size[1] - region))
+            he, _ = render_region(y0, x0, region, region, size=size, seed=s, stain="he", offset=offset)
+            if (he.min(axis=2) < 215).mean() < min_tissue:
+                continue
+            ihc, _ = render_region(y0 + dy, x0 + dx, region, region, size=size, seed=s, stain="ihc",
+                                   offset=offset)
+            out.append((he, ihc))
+            got += 1
+    if not out:
+        raise DaskpathError("phantom_pairs: no region with enough tissue; lower min_tissue")
+    return out
+
+
+def folder_pairs(root: str | os.PathLike[str], split: str = "train") -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(A, B)`` images from the reference's ``<root>/<split>A`` and ``<root>/<split>B`` folders."""
+    from PIL import Image
+
+    root = Path(root)
+    da_, db_ = root / f"{split}A", root / f"{split}B"
+    if not da_.is_dir() or not db_.is_dir():
+        raise DaskpathError(f"{root}: needs {split}A/ and {split}B/ folders of images; export tile pairs there")
+    exts = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+    fa = sorted(p for p in da_.iterdir() if p.suffix.lower() in exts)
+    fb = sorted(p for p in db_.iterdir() if p.suffix.lower() in exts)
+    if not fa or len(fa) != len(fb):
+        raise DaskpathError(f"{root}: {len(fa)} images in {split}A but {len(fb)} in {split}B; "
+                            "they must pair one to one by sorted name")
+    return [(np.asarray(Image.open(a).convert("RGB")), np.asarray(Image.open(b).convert("RGB")))
+            for a, b in zip(fa, fb)]
+
+
+class PairSampler:
+    """Random aligned crops with flips / 90-degree rotations; ``paired=False`` crops A and B apart."""
+
+    def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]], crop: int, paired: bool = True) -> None:
+        for a, b in pairs:
+            if min(a.shape[:2]) < crop or min(b.shape[:2]) < crop:
+                raise DaskpathError(f"PairSampler: image {a.shape[:2]} smaller than crop={crop}")
+            if paired and a.shape != b.shape:
+                raise DaskpathError(f"PairSampler: paired images differ in shape {a.shape} vs {b.shape}")
+        self.pairs, self.crop, self.paired = pairs, crop, paired
+
+    def _crop(self, img: np.ndarray, rng: np.random.Generator, yx=None) -> tuple[np.ndarray, tuple]:
+        c = self.crop
+        if yx is None:
+            yx = (int(rng.integers(0, img.shape[0] - c + 1)), int(rng.integers(0, img.shape[1] - c + 1)))
+        return img[yx[0]:yx[0] + c, yx[1]:yx[1] + c], yx
+
+    def batch(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``(n, 3, crop, crop)`` float tensors in [-1, 1]."""
+        xa, xb = [], []
+        for _ in range(n):
+            a, b = self.pairs[int(rng.integers(len(self.pairs)))]
+            ca, yx = self._crop(a, rng)
+            if not self.paired:
+                b = self.pairs[int(rng.integers(len(self.pairs)))][1]
+                yx = None
+            cb, _ = self._crop(b, rng, yx)
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+            ca, cb = np.rot90(ca, k), np.rot90(cb, k)
+            if flip:
+                ca, cb = ca[:, ::-1], cb[:, ::-1]
+            xa.append(ca)
+            xb.append(cb)
+        return _tensor(np.stack(xa)), _tensor(np.stack(xb))
+
+
+def _tensor(batch: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+    return x.div_(127.5).sub_(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------
+class GANLoss(nn.Module):
+    """The reference's GANLoss: ``vanilla`` (BCE with logits) or ``lsgan`` (MSE) against 1 / 0."""
+
+    def __init__(self, mode: str = "vanilla") -> None:
+        super().__init__()
+        self.loss = nn.BCEWithLogitsLoss() if mode == "vanilla" else nn.MSELoss()
+
+    def forward(self, pred: torch.Tensor, real: bool) -> torch.Tensor:
+        return self.loss(pred, torch.full_like(pred, 1.0 if real else 0.0))
+
+
+class ImagePool:
+    """History of generated images (Shrivastava et al.): half the time return an older one."""
+
+    def __init__(self, size: int = 50, seed: int = 0) -> None:
+        self.size, self.images = size, []
+        self.rng = random.Random(seed)
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return images
+        out = []
+        for img in images.detach():
+            img = img.unsqueeze(0)
+            if len(self.images) < self.size:
+                self.images.append(img)
+                out.append(img)
+            elif self.rng.random() > 0.5:
+                i = self.rng.randrange(self.size)
+                out.append(self.images[i].clone())
+                self.images[i] = img
+            else:
+                out.append(img)
+        return torch.cat(out, 0)
+
+
+_G3 = None
+
+
+def _gauss3() -> torch.Tensor:
+    global _G3
+    if _G3 is None:
+        t = torch.tensor([-1.0, 0.0, 1.0])
+        g = torch.exp(-t**2 / 2.0)
+        g = g / g.sum()
+        _G3 = (g[:, None] * g[None, :]).view(1, 1, 3, 3)
+    return _G3
+
+
+def gaussian_pyramid(x: torch.Tensor, levels: int = 4) -> list[torch.Tensor]:
+    """``levels`` scales of ``x`` (N, C, H, W); each octave: 3x3 Gaussian (sigma 1) x 4, then /2."""
+    k = _gauss3().to(x.device, x.dtype).repeat(x.shape[1], 1, 1, 1)
+    out = [x]
+    for _ in range(levels - 1):
+        y = out[-1]
+        for _ in range(4):
+            y = F.conv2d(F.pad(y, (1, 1, 1, 1), mode="reflect"), k, groups=x.shape[1])
+        out.append(y[:, :, ::2, ::2])
+    return out
+
+
+def pyramid_l1(fake: torch.Tensor, real: torch.Tensor, levels: int = 4) -> torch.Tensor:
+    """Sum over pyramid scales of the mean absolute difference (BCI's multi-scale L1)."""
+    return sum(F.l1_loss(a, b) for a, b in zip(gaussian_pyramid(fake, levels), gaussian_pyramid(real, levels)))
+
+
+# --------------------------------------------------------------------------------------------
+# training loop
+# --------------------------------------------------------------------------------------------
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(epoch: int) -> float:
+        return 1.0 - max(0, epoch + 1 - cfg.epochs) / float(cfg.epochs_decay + 1)
+
+    return f
+
+
+def _save(net: nn.Module, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _plot(csv_path: Path, png_path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k not in ("epoch", "step", "lr", "seconds")]
+    steps = np.array([int(r["step"]) for r in rows])
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 1.8 * len(keys)), sharex=True, squeeze=False)
+    for ax, k in zip(axes[:, 0], keys):
+        v = np.array([float(r[k]) for r in rows])
+        ax.plot(steps, v, lw=0.5, alpha=0.4)
+        w = max(1, len(v) // 50)
+        if len(v) >= w:
+            ax.plot(steps[w - 1:], np.convolve(v, np.ones(w) / w, mode="valid"), lw=1.2)
+        ax.set_ylabel(k, fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def train(
+    cfg: TrainConfig,
+    pairs: list[tuple[np.ndarray, np.ndarray]],
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+) -> Path:
+    """Train a generator on ``pairs`` and write a model folder + logs into ``out_dir``.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        Mode, architecture, schedule and loss weights.
+    pairs : list of (A, B) uint8 arrays
+        Aligned pairs for pix2pix/pyramid; CycleGAN samples A and B independently.
+    out_dir : path
+        Checkpoints, ``daskpath.json``, ``loss_log.csv`` / ``.png``.
+    resume : bool
+        Continue from ``out_dir/train_state.pt`` and the latest checkpoints.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir`` (a model folder :func:`~daskpath.translate.load_generator` reads).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _seed_all(cfg.seed)
+    dev = torch.device(device)
+    spec = cfg.spec()
+    cyc = cfg.mode == "cyclegan"
+    nets: dict[str, nn.Module] = {"G_A" if cyc else "G": init_weights(build_generator(spec))}
+    if cyc:
+        nets["G_B"] = init_weights(build_generator(spec))
+        nets["D_A"] = init_weights(define_D(3, cfg.ndf, cfg.n_layers_d, "batch" if cfg.norm == "batch" else "instance"))
+        nets["D_B"] = init_weights(define_D(3, cfg.ndf, cfg.n_layers_d, "batch" if cfg.norm == "batch" else "instance"))
+    else:
+        nets["D"] = init_weights(define_D(6, cfg.ndf, cfg.n_layers_d, "batch" if cfg.norm == "batch" else "instance"))
+    for n in nets.values():
+        n.to(dev).train()
+    gnames = [k for k in nets if k.startswith("G")]
+    dnames = [k for k in nets if k.startswith("D")]
+    opt_g = torch.optim.Adam([p for k in gnames for p in nets[k].parameters()], lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    opt_d = torch.optim.Adam([p for k in dnames for p in nets[k].parameters()], lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    sch = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg)) for o in (opt_g, opt_d)]
+    start = 0
+    state_path = out / "train_state.pt"
+    if resume:
+        if not state_path.is_file():
+            raise DaskpathError(f"{state_path}: nothing to resume from; run without --resume first")
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        for k, n in nets.items():
+            n.load_state_dict(torch.load(out / f"latest_net_{k}.pth", map_location="cpu", weights_only=True))
+        opt_g.load_state_dict(st["opt_g"])
+        opt_d.load_state_dict(st["opt_d"])
+        for s, sd in zip(sch, st["sched"]):
+            s.load_state_dict(sd)
+        start = int(st["epoch"])
+        # the schedule follows this run's epochs/epochs_decay (a resume may extend training)
+        for o in (opt_g, opt_d):
+            for g in o.param_groups:
+                g["lr"] = cfg.lr * _lr_lambda(cfg)(start)
+    total = cfg.epochs + cfg.epochs_decay
+    sampler = PairSampler(pairs, cfg.crop, paired=not cyc)
+    gan = GANLoss(cfg.gan_mode).to(dev)
+    pools = (ImagePool(cfg.pool_size, cfg.seed), ImagePool(cfg.pool_size, cfg.seed + 1)) if cyc else None
+    csv_path = out / "loss_log.csv"
+    if not resume and csv_path.exists():
+        csv_path.unlink()
+    spec_full = replace(spec, weights="latest_net_G_A.pth" if cyc else "latest_net_G.pth",
+                        extra={"training": {**asdict(cfg), **{"n_pairs": len(pairs)}}})
+    t0 = time.time()
+    bar = tqdm(total=(total - start) * cfg.steps_per_epoch, disable=not progress, desc=f"train {cfg.mode}")
+    writer_f = open(csv_path, "a", newline="")
+    writer = None
+    try:
+        for epoch in range(start, total):
+            rng = np.random.default_rng([cfg.seed, epoch])  # same data order on resume
+            torch.manual_seed(cfg.seed * 100003 + epoch)
+            for step in range(cfg.steps_per_epoch):
+                a, b = sampler.batch(cfg.batch_size, rng)
+                a, b = a.to(dev), b.to(dev)
+                losses = (_step_cyclegan if cyc else _step_pix2pix)(cfg, nets, opt_g, opt_d, gan, a, b, pools)
+                row = {"epoch": epoch + 1, "step": epoch * cfg.steps_per_epoch + step + 1,
+                       "lr": opt_g.param_groups[0]["lr"], **losses, "seconds": round(time.time() - t0, 2)}
+                if writer is None:
+                    writer = csv.DictWriter(writer_f, fieldnames=list(row))
+                    if writer_f.tell() == 0:
+                        writer.writeheader()
+                writer.writerow(row)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k.startswith("G")})
+            for s in sch:
+                s.step()
+            for k, n in nets.items():
+                _save(n, out / f"latest_net_{k}.pth")
+                if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == total:
+                    _save(n, out / f"{epoch + 1}_net_{k}.pth")
+            tmp = state_path.with_name("train_state.tmp")
+            torch.save({"epoch": epoch + 1, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                        "sched": [s.state_dict() for s in sch]}, tmp)
+            os.replace(tmp, state_path)
+            writer_f.flush()
+    finally:
+        writer_f.close()
+        bar.close()
+    tmp = out / (SPEC_NAME + ".tmp")
+    tmp.write_text(json.dumps(spec_full.to_json(), indent=2) + "\n")
+    os.replace(tmp, out / SPEC_NAME)
+    _plot(csv_path, out / "loss_log.png")
+    return out
+
+
+def _step_pix2pix(cfg, nets, opt_g, opt_d, gan, a, b, _pools) -> dict[str, float]:
+    g, d = nets["G"], nets["D"]
+    fake = g(a)
+    # D: real pairs vs fake pairs
+    for p in d.parameters():
+        p.requires_grad_(True)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d_fake = gan(d(torch.cat([a, fake.detach()], 1)), False)
+    loss_d_real = gan(d(torch.cat([a, b], 1)), True)
+    loss_d = 0.5 * (loss_d_fake + loss_d_real)
+    loss_d.backward()
+    opt_d.step()
+    # G: fool D + L1 (pix2pix) or multi-scale L1 (pyramid)
+    for p in d.parameters():
+        p.requires_grad_(False)
+    opt_g.zero_grad(set_to_none=True)
+    loss_gan = gan(d(torch.cat([a, fake], 1)), True) * cfg.lambda_gan
+    l1 = F.l1_loss(fake, b)
+    loss_l1 = l1 * (cfg.lambda_pyramid if cfg.mode == "pyramid" else cfg.lambda_l1)
+    out = {"G_GAN": loss_gan.item(), "G_L1": loss_l1.item()}
+    loss_g = loss_gan + loss_l1
+    if cfg.mode == "pyramid":  # the three coarser scales, same weight as the full one
+        loss_p = (pyramid_l1(fake, b) - l1) * cfg.lambda_pyramid
+        loss_g = loss_g + loss_p
+        out["G_pyramid"] = loss_p.item()
+    loss_g.backward()
+    opt_g.step()
+    out.update(D_real=loss_d_real.item(), D_fake=loss_d_fake.item())
+    return out
+
+
+def _step_cyclegan(cfg, nets, opt_g, opt_d, gan, a, b, pools) -> dict[str, float]:
+    ga, gb, da_, db_ = nets["G_A"], nets["G_B"], nets["D_A"], nets["D_B"]
+    for p in [*da_.parameters(), *db_.parameters()]:
+        p.requires_grad_(False)
+    opt_g.zero_grad(set_to_none=True)
+    fake_b, fake_a = ga(a), gb(b)
+    rec_a, rec_b = gb(fake_b), ga(fake_a)
+    lam, lid = cfg.lambda_cycle, cfg.lambda_identity
+    loss_idt_a = F.l1_loss(ga(b), b) * lam * lid if lid > 0 else torch.zeros((), device=a.device)
+    loss_idt_b = F.l1_loss(gb(a), a) * lam * lid if lid > 0 else torch.zeros((), device=a.device)
+    loss_g_a = gan(da_(fake_b), True) * cfg.lambda_gan
+    loss_g_b = gan(db_(fake_a), True) * cfg.lambda_gan
+    loss_cyc_a = F.l1_loss(rec_a, a) * lam
+    loss_cyc_b = F.l1_loss(rec_b, b) * lam
+    (loss_g_a + loss_g_b + loss_cyc_a + loss_cyc_b + loss_idt_a + loss_idt_b).backward()
+    opt_g.step()
+    for p in [*da_.parameters(), *db_.parameters()]:
+        p.requires_grad_(True)
+    opt_d.zero_grad(set_to_none=True)
+    fb, fa = pools[0].query(fake_b), pools[1].query(fake_a)
+    loss_d_a = 0.5 * (gan(da_(b), True) + gan(da_(fb), False))
+    loss_d_b = 0.5 * (gan(db_(a), True) + gan(db_(fa), False))
+    (loss_d_a + loss_d_b).backward()
+    opt_d.step()
+    return {"G_A": loss_g_a.item(), "G_B": loss_g_b.item(), "G_cycle_A": loss_cyc_a.item(),
+            "G_cycle_B": loss_cyc_b.item(), "G_idt_A": loss_idt_a.item(), "G_idt_B": loss_idt_b.item(),
+            "D_A": loss_d_a.item(), "D_B": loss_d_b.item()}
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m daskpath.translate.train",
+                                description="Train an H&E -> IHC generator (pix2pix, pyramid, CycleGAN).")
+    p.add_argument("out_dir", help="output model folder (checkpoints, daskpath.json, loss_log.csv/png)")
+    d = TrainConfig()
+    for k, v in asdict(d).items():
+        if k == "extra":
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
+        elif k == "gan_mode":
+            p.add_argument(flag, choices=["vanilla", "lsgan"], default=None)
+        elif k == "threads":
+            p.add_argument(flag, type=int, default=None)
+        else:
+            p.add_argument(flag, type=type(v), default=v)
+    p.add_argument("--data", default="phantom",
+                   help="'phantom' (rendered phantom regions) or a folder with trainA/ trainB/")
+    p.add_argument("--phantom-seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--regions", type=int, default=4, help="phantom regions per seed")
+    p.add_argument("--region", type=int, default=512, help="phantom region side (px)")
+    p.add_argument("--phantom-size", type=int, nargs=2, default=[4096, 4096])
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        kw = {k: getattr(args, k) for k in asdict(TrainConfig()) if k != "extra"}
+        cfg = TrainConfig(**kw)
+        if args.data == "phantom":
+            pairs = phantom_pairs(args.phantom_seeds, args.regions, args.region, tuple(args.phantom_size),
+                                  rng_seed=args.seed)
+        else:
+            pairs = folder_pairs(args.data)
+        cmd = "python -m daskpath.translate.train " + " ".join(sys.argv[1:] if argv is None else list(argv))
+        cfg.extra = {"command": cmd, "data": args.data, "phantom_seeds": args.phantom_seeds,
+                     "regions": args.regions, "region": args.region, "phantom_size": args.phantom_size}
+        t = time.time()
+        out = train(cfg, pairs, args.out_dir, resume=args.resume, progress=not args.no_progress,
+                    device=args.device)
+        print(f"trained {cfg.mode} {cfg.arch} ngf={cfg.ngf} in {time.time() - t:.0f} s -> {out}")
+    except DaskpathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
