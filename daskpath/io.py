@@ -54,6 +54,8 @@ __all__ = [
     "ingest",
     "slide_info",
     "TiffLevelReader",
+    "ZarrLevelReader",
+    "region_source",
     "DEFAULT_MIN_CHUNK",
     "DEFAULT_STORE_CHUNK",
 ]
@@ -486,6 +488,64 @@ class TiffLevelReader:
         return np.ascontiguousarray(block[..., :3][..., cs], dtype=np.uint8)
 
 
+@dataclass(frozen=True)
+class ZarrLevelReader:
+    """Picklable, array-like view of one level of an (OME-)Zarr slide as RGB ``(y, x, 3)`` uint8.
+
+    Like :class:`TiffLevelReader`: it holds only the path and component and opens the zarr
+    array once per process, so a task can read any region (a chunk plus its halo) itself.
+    """
+
+    path: str
+    component: str
+    axes: str = "YXS"
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        ys, xs = key[0], key[1]
+        arr = _cached_zarr_array(self.path, self.component)
+        try:
+            if self.axes == "YXS":
+                block = np.asarray(arr[ys, xs, :3])
+            else:
+                block = np.moveaxis(np.asarray(arr[:3, ys, xs]), 0, -1)
+        except Exception as exc:
+            raise SlideError(
+                f"{self.path} is corrupt or truncated: reading rows {ys.start}:{ys.stop} cols "
+                f"{xs.start}:{xs.stop} failed ({type(exc).__name__}: {_one_line(exc)}): "
+                "re-run `daskpath ingest` on the source") from None
+        return np.ascontiguousarray(block, dtype=np.uint8)
+
+
+_ZARR_CACHE: dict[tuple[str, str], Any] = {}
+_ZARR_LOCK = threading.Lock()
+
+
+def _cached_zarr_array(path: str, component: str) -> Any:
+    key = (path, component)
+    arr = _ZARR_CACHE.get(key)
+    if arr is None:
+        with _ZARR_LOCK:
+            arr = _ZARR_CACHE.get(key)
+            if arr is None:
+                import zarr
+
+                arr = zarr.open_array(path, path=component, mode="r")
+                _ZARR_CACHE[key] = arr
+    return arr
+
+
+def region_source(slide: xr.DataArray) -> Any:
+    """The picklable region reader behind an opened slide: ``src[ys, xs] -> (h, w, 3) uint8``.
+
+    Lets one task read a chunk *with its halo* in a single call (the pipeline's fused
+    per-chunk tasks) instead of assembling it from neighbouring dask chunks.
+    """
+    src = slide.attrs.get("source")
+    if src is None:
+        raise ValueError("region_source: this DataArray was not opened by daskpath.io.open_slide")
+    return src
+
+
 # --------------------------------------------------------------------------------------------
 # Chunk-size choice
 # --------------------------------------------------------------------------------------------
@@ -567,6 +627,7 @@ def _build(meta: _Meta, chunks: tuple[int, int], level: int) -> xr.DataArray:
         name = "slide-" + tokenize(meta.path, meta.mtime_ns, level, chunks)
         data = da.from_array(reader, chunks=(chunks[0], chunks[1], 3), lock=False, asarray=False,
                              fancy=False, meta=np.empty((0, 0, 0), np.uint8), name=name)
+        source: Any = reader
     else:
         zpath = meta.zarr_paths[level]
         if meta.axes == "YXS":
@@ -578,6 +639,7 @@ def _build(meta: _Meta, chunks: tuple[int, int], level: int) -> xr.DataArray:
             data = data.transpose(1, 2, 0)
         if meta.samples != 3:
             data = data[..., :3]
+        source = ZarrLevelReader(str(meta.path), zpath, "YXS" if meta.axes == "YXS" else "SYX")
     down = meta.downsamples[level] if level < len(meta.downsamples) else 1.0
     mpp = meta.mpp * down if meta.mpp else None
     coords: dict[str, Any] = {"y": np.arange(h), "x": np.arange(w), "c": ["R", "G", "B"]}
@@ -586,7 +648,7 @@ def _build(meta: _Meta, chunks: tuple[int, int], level: int) -> xr.DataArray:
         coords["x_um"] = ("x", np.arange(w) * mpp)
     attrs = {"path": meta.path, "format": meta.format, "mpp": mpp,
              "tile_size": meta.tile_sizes[level], "chunk_size": chunks, "level": level,
-             "downsample": down, "levels": len(meta.level_shapes)}
+             "downsample": down, "levels": len(meta.level_shapes), "source": source}
     return xr.DataArray(data, dims=("y", "x", "c"), coords=coords, attrs=attrs,
                         name=Path(meta.path).name)
 

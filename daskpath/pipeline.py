@@ -100,52 +100,86 @@ def _preprocess_key(cfg: Config) -> dict:
     }
 
 
+def _read_halo(src, loc: tuple[int, int, int, int], shape: tuple[int, int], d: int):
+    """Read a chunk plus ``d`` px of halo (clipped to the slide); return block and core slices."""
+    y0, y1, x0, x1 = loc
+    ya, yb = max(0, y0 - d), min(shape[0], y1 + d)
+    xa, xb = max(0, x0 - d), min(shape[1], x1 + d)
+    block = src[slice(ya, yb), slice(xa, xb)]
+    core = (slice(y0 - ya, y0 - ya + (y1 - y0)), slice(x0 - xa, x0 - xa + (x1 - x0)))
+    return block, core
+
+
 def _preprocess_chunk(
-    t_he: np.ndarray,
-    t_ihc: np.ndarray,
-    ssim: np.ndarray,
-    he: np.ndarray,
-    ihc: np.ndarray,
     *,
     loc: tuple[int, int, int, int],
+    he_src,
+    ihc_src,
+    shape: tuple[int, int],
     tile: int,
+    tissue_threshold: float,
+    tissue_sigma: float,
+    ssim_sigma: float,
+    ssim_dtype: str,
     layers: str | None,
     factor: int,
     step: int,
 ) -> dict[str, np.ndarray]:
-    """Per-tile partial sums of one chunk; writes its region of the layers (if any) first."""
-    from daskpath.tiles import chunk_tile_sums
+    """All preprocessing of one chunk in one task.
 
+    Reads the chunk of both slides plus a halo of ``max(tissue radius, SSIM radius)`` px (one
+    read per slide, no neighbour exchange), computes the tissue masks and the SSIM map on the
+    halo'd block with the filters' own border rule at the true slide edge, keeps the core (equal
+    to the whole-image computation, since the halo covers every filter radius), reduces it to
+    per-tile partial sums, and writes its region of the layers.
+    """
     from daskpath.monitor import count
+    from daskpath.similarity import gray, ssim_block, ssim_radius
+    from daskpath.tiles import chunk_tile_sums
+    from daskpath.tissue import tissue_block, tissue_radius
 
     y0, y1, x0, x1 = loc
+    d = max(ssim_radius(ssim_sigma), tissue_radius(tissue_sigma) if tissue_sigma > 0 else 0)
+    he, core = _read_halo(he_src, loc, shape, d)
+    ihc, _ = _read_halo(ihc_src, loc, shape, d)
+    t_he = tissue_block(he, tissue_threshold, tissue_sigma)[core]
+    t_ihc = tissue_block(ihc, tissue_threshold, tissue_sigma)[core]
+    wdt = np.dtype(ssim_dtype).type
+    ssim = ssim_block(gray(he, wdt), gray(ihc, wdt), sigma=ssim_sigma)[core]
+    he, ihc = he[core], ihc[core]
     sums, (ty, tx) = chunk_tile_sums([t_he, t_ihc, ssim], loc, tile)
     count("chunks_processed")
     count("pixels_processed", float(t_he.size))
     # each tile counted once: by the chunk holding its top-left corner
     count("tiles_processed", len(range(-(-y0 // tile) * tile, y1, tile)) * len(range(-(-x0 // tile) * tile, x1, tile)))
     if layers is not None:
-        import zarr
-
-        root = zarr.open_group(layers, mode="r+")
-        if factor and y0 % factor == 0 and x0 % factor == 0:
-            h, w = (y1 - y0) // factor, (x1 - x0) // factor
-            for name, m in (("tissue_he", t_he), ("tissue_ihc", t_ihc), ("ssim", ssim)):
-                arr = root[name]
-                hh = min(h, arr.shape[0] - y0 // factor)
-                ww = min(w, arr.shape[1] - x0 // factor)
-                if hh <= 0 or ww <= 0:
-                    continue
-                m = m[: hh * factor, : ww * factor].astype(np.float32)
-                small = m.reshape(hh, factor, ww, factor).mean(axis=(1, 3))
-                arr[y0 // factor : y0 // factor + hh, x0 // factor : x0 // factor + ww] = small
-        for name, rgb in (("thumbnail_he", he), ("thumbnail_ihc", ihc)):
-            oy, ox = (-y0) % step, (-x0) % step
-            small = rgb[oy::step, ox::step]
-            ty0, tx0 = -(-y0 // step), -(-x0 // step)
-            if small.size:
-                root[name][ty0 : ty0 + small.shape[0], tx0 : tx0 + small.shape[1]] = small
+        _write_layers(layers, loc, factor, step, t_he, t_ihc, ssim, he, ihc)
     return {"sums": sums, "origin": np.array([ty, tx], dtype=np.int64)}
+
+
+def _write_layers(layers: str, loc, factor: int, step: int, t_he, t_ihc, ssim, he, ihc) -> None:
+    """Write one chunk's region of the downsampled layers and thumbnails (one zarr chunk each)."""
+    import zarr
+
+    y0, y1, x0, x1 = loc
+    root = zarr.open_group(layers, mode="r+")
+    if factor and y0 % factor == 0 and x0 % factor == 0:
+        h, w = (y1 - y0) // factor, (x1 - x0) // factor
+        for name, m in (("tissue_he", t_he), ("tissue_ihc", t_ihc), ("ssim", ssim)):
+            arr = root[name]
+            hh = min(h, arr.shape[0] - y0 // factor)
+            ww = min(w, arr.shape[1] - x0 // factor)
+            if hh <= 0 or ww <= 0:
+                continue
+            m = m[: hh * factor, : ww * factor].astype(np.float32)
+            small = m.reshape(hh, factor, ww, factor).mean(axis=(1, 3))
+            arr[y0 // factor : y0 // factor + hh, x0 // factor : x0 // factor + ww] = small
+    for name, rgb in (("thumbnail_he", he), ("thumbnail_ihc", ihc)):
+        oy, ox = (-y0) % step, (-x0) % step
+        small = rgb[oy::step, ox::step]
+        ty0, tx0 = -(-y0 // step), -(-x0 // step)
+        if small.size:
+            root[name][ty0 : ty0 + small.shape[0], tx0 : tx0 + small.shape[1]] = small
 
 
 def _combine(parts: list[dict[str, np.ndarray]], n_ty: int, n_tx: int, k: int) -> np.ndarray:
@@ -166,33 +200,24 @@ def plan_preprocess(
 ) -> SlidePlan:
     """Build the lazy preprocessing graph of one pair (nothing is computed).
 
-    One task chain per chunk: read both slides (with the halo), tissue masks, SSIM map, then a
-    chunk task that reduces them to per-tile partial sums and writes the chunk's region of the
-    layers. With ``output_dir``, each finished chunk is recorded under
+    One task per chunk (:func:`_preprocess_chunk`): it reads the chunk of both slides with its
+    halo, computes the tissue masks and the SSIM map, reduces them to per-tile partial sums and
+    writes the chunk's region of the layers. With ``output_dir``, each finished chunk is recorded under
     ``output_dir/work/<slide>/<fingerprint>/`` so an interrupted run resumes (see
     :mod:`daskpath.resume`). ``plan.sums`` is a Delayed giving (n_ty, n_tx, 3): per-tile sums of
     the H&E tissue mask, the IHC tissue mask and the SSIM map.
     """
     import dask
 
-    from daskpath.io import open_pair
+    from daskpath.io import open_pair, region_source
     from daskpath.resume import chunk_tasks, fingerprint
-    from daskpath.similarity import ssim_map
-    from daskpath.tissue import tissue_mask
 
     out = output_dir
     cache = Path(cfg.cache_dir) if cfg.cache_dir else (out or Path(cfg.output_dir)) / "cache"
     ds = open_pair(he, ihc, chunk_size=cfg.chunk_size, cache_dir=cache)
-    he_a = ds["he"].data
-    ihc_a = ds["ihc"].data
-    t_he = tissue_mask(he_a, threshold=cfg.tissue.threshold, sigma=cfg.tissue.sigma)
-    t_ihc = tissue_mask(ihc_a, threshold=cfg.tissue.threshold, sigma=cfg.tissue.sigma)
-    ssim = ssim_map(he_a, ihc_a, sigma=cfg.ssim.sigma, dtype=cfg.ssim.dtype)
-    # the overlap may merge small edge chunks: bring the images onto the maps' grid
-    if he_a.chunks[:2] != t_he.chunks:
-        he_a = he_a.rechunk(t_he.chunks + (3,))
-        ihc_a = ihc_a.rechunk(t_he.chunks + (3,))
-    mpp = ds["he"].attrs.get("mpp")
+    he_a = ds["he"]
+    chunks = (he_a.data.chunks[0], he_a.data.chunks[1])
+    mpp = he_a.attrs.get("mpp")
     shape = (int(he_a.shape[0]), int(he_a.shape[1]))
     size = cfg.tiles.size
     n_ty, n_tx = -(-shape[0] // size), -(-shape[1] // size)
@@ -209,13 +234,20 @@ def plan_preprocess(
         if f:
             layers = work / "layers.zarr"
             if not layers.exists():
-                _create_layers(layers, shape, t_he.chunks, f, step, slide, mpp)
+                _create_layers(layers, shape, chunks, f, step, slide, mpp)
     tasks = chunk_tasks(
         _preprocess_chunk,
-        [t_he, t_ihc, ssim, he_a, ihc_a],
+        chunks,
         work / "chunks" if work is not None else None,
         name=f"preprocess-{slide}",
+        he_src=region_source(ds["he"]),
+        ihc_src=region_source(ds["ihc"]),
+        shape=shape,
         tile=size,
+        tissue_threshold=cfg.tissue.threshold,
+        tissue_sigma=cfg.tissue.sigma,
+        ssim_sigma=cfg.ssim.sigma,
+        ssim_dtype=cfg.ssim.dtype,
         layers=str(layers) if layers is not None else None,
         factor=f,
         step=step,
@@ -227,7 +259,7 @@ def plan_preprocess(
     return SlidePlan(
         slide=slide,
         shape=shape,
-        chunks=(t_he.chunks[0], t_he.chunks[1]),
+        chunks=chunks,
         mpp=float(mpp) if mpp else None,
         sums=sums,
         work_dir=work,

@@ -98,7 +98,7 @@ def _run_and_record(
 
 def chunk_tasks(
     func: Callable[..., Any],
-    arrays: list[da.Array],
+    arrays: list[da.Array] | tuple[tuple[int, ...], tuple[int, ...]],
     record_dir: str | Path | None,
     *,
     name: str = "chunk",
@@ -115,8 +115,10 @@ def chunk_tasks(
         ``func(*blocks, loc=(y0, y1, x0, x1), **kwargs) -> result``: gets the numpy blocks of
         every array for one chunk. The result is a dict of numpy arrays (``kind="npz"``) or a
         DataFrame (``kind="parquet"``); it should be small (it is gathered).
-    arrays : list of dask.array.Array
-        2-D maps or (y, x, c) images, all with the same chunks on the first two axes.
+    arrays : list of dask.array.Array, or a chunking ``(row_chunks, col_chunks)``
+        2-D maps or (y, x, c) images, all with the same chunks on the first two axes, whose
+        blocks are passed to ``func``; or just the chunk grid, when ``func`` reads its own
+        input (e.g. a chunk plus its halo, in one task).
     record_dir : path or None
         Where finished chunks are recorded; ``None`` disables recording (nothing is resumed).
     select : callable, optional
@@ -129,15 +131,19 @@ def chunk_tasks(
     list of (loc, Delayed)
         For finished chunks the delayed loads the record; its inputs are not in the graph.
     """
-    first = arrays[0]
-    for a in arrays[1:]:
-        if a.chunks[:2] != first.chunks[:2]:
-            raise ValueError(f"chunk_tasks: chunks differ: {a.chunks[:2]} vs {first.chunks[:2]}")
+    if isinstance(arrays, tuple) and arrays and isinstance(arrays[0], tuple):
+        grid, arrays = arrays, []
+    else:
+        arrays = list(arrays)
+        grid = arrays[0].chunks[:2]
+        for a in arrays[1:]:
+            if a.chunks[:2] != grid:
+                raise ValueError(f"chunk_tasks: chunks differ: {a.chunks[:2]} vs {grid}")
     if record_dir is not None:
         Path(record_dir).mkdir(parents=True, exist_ok=True)
     load = dask.delayed(load_record, pure=True)
     out = []
-    for iy, ix, y0, y1, x0, x1 in chunk_grid(first.chunks):
+    for iy, ix, y0, y1, x0, x1 in chunk_grid(grid):
         loc = (y0, y1, x0, x1)
         if select is not None and not select(loc):
             continue
@@ -150,7 +156,7 @@ def chunk_tasks(
         for a in arrays:
             idx = (iy, ix) + (0,) * (a.ndim - 2)
             blocks.append(a.blocks[idx])
-        key = f"{name}-{dask.base.tokenize(func, [b.name for b in blocks], kwargs, loc)}"
+        key = f"{name}-{dask.base.tokenize(func, [b.name for b in blocks], kwargs, loc, record_dir)}"
         with dask.annotate(**(annotations or {})):
             if record_dir is not None:
                 task = dask.delayed(_run_and_record, pure=True)(
