@@ -11,7 +11,8 @@ Halo rule: each output pixel depends on inputs within the Gaussian radius
 ``r = int(3.5 * sigma + 0.5)``, so :func:`ssim_map` uses ``map_overlap`` with ``depth = r`` and
 ``boundary='reflect'`` (dask's reflect repeats the edge pixel, as scipy's ``'reflect'`` does).
 With ``dtype=float64`` the chunked map equals skimage's whole-image map bit for bit; the default
-``float32`` path matches it within 1e-5 and is about twice as fast (half the memory traffic).
+``float32`` path matches it within 1e-4 (float32 arithmetic with centred variances; ~5e-5 on near-white
+glass) and is about 15x faster on one core (OpenCV's SIMD Gaussian, float32).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def gray(rgb: np.ndarray, dtype: type = np.float32) -> np.ndarray:
         from skimage.color import rgb2gray
 
         return rgb2gray(rgb)
+    cv2 = _cv2()
+    if cv2 is not None and rgb.dtype == np.uint8 and np.dtype(dtype) == np.float32 and rgb.ndim == 3:
+        m = (_GRAY / 255.0).astype(np.float32).reshape(1, 3)
+        return cv2.transform(rgb.astype(np.float32), m).reshape(rgb.shape[:2])
     if rgb.dtype == np.uint8:
         x = rgb.astype(dtype) / dtype(255)
     else:
@@ -120,12 +125,12 @@ def ssim_block(
 
     ux = filt(a)
     uy = filt(b)
-    uxx = filt(a * a)
-    uyy = filt(b * b)
-    uxy = filt(a * b)
     c1 = dtype.type((k1 * data_range) ** 2)
     c2 = dtype.type((k2 * data_range) ** 2)
     if dtype == np.float64:  # the exact operation order of skimage
+        uxx = filt(a * a)
+        uyy = filt(b * b)
+        uxy = filt(a * b)
         vx = uxx - ux * ux
         vy = uyy - uy * uy
         vxy = uxy - ux * uy
@@ -134,13 +139,27 @@ def ssim_block(
         b1 = ux**2 + uy**2 + c1
         b2 = vx + vy + c2
         return (a1 * a2) / (b1 * b2)
-    # float32: same formula, in place to keep memory traffic low
+    # float32: same formula, in place to keep memory traffic low. The variances are computed on
+    # inputs centred by their block means (exact in real arithmetic: var(a) = var(a - c)), which
+    # keeps float32 cancellation small on near-white glass (gray ~0.96, variance ~1e-5): max
+    # error vs skimage's float64 map drops from ~6e-4 to ~5e-5.
+    ca = dtype.type(a.mean(dtype=np.float64))
+    cb = dtype.type(b.mean(dtype=np.float64))
+    ac = a - ca
+    bc = b - cb
+    uxx = filt(ac * ac)
+    uyy = filt(bc * bc)
+    uxy = filt(ac * bc)
+    del ac, bc
+    uxc = ux - ca
+    uyc = uy - cb
+    uxx -= uxc * uxc  # vx
+    uyy -= uyc * uyc  # vy
+    uxy -= uxc * uyc  # vxy
+    del uxc, uyc
     uxuy = ux * uy
     ux *= ux
     uy *= uy
-    uxx -= ux  # vx
-    uyy -= uy  # vy
-    uxy -= uxuy  # vxy
     num = uxuy
     num *= 2
     num += c1  # a1

