@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 def _cfg(manifest: Path, out: Path, *extra: str):
     from daskpath.config import load_config
 
-    return load_config(None, [f"slides={manifest}", f"output_dir={out}", *extra])
+    return load_config(None, [f"slides={manifest}", f"output_dir={out}", "stages=[preprocess]", *extra])
 
 
 def _graph(collections) -> dict:
@@ -113,7 +113,7 @@ print("CHUNKS", res.chunks_computed, res.chunks_total)
 
 def resume(manifest: Path, work: Path, reference: pd.DataFrame, extra: list[str]) -> dict:
     out = work / "resume"
-    args = [f"slides={manifest}", f"output_dir={out}", "overwrite=false",
+    args = [f"slides={manifest}", f"output_dir={out}", "overwrite=false", "stages=[preprocess]",
             "cluster.n_workers=2", "cluster.threads_per_worker=1",
             "cluster.dashboard_address=127.0.0.1:0", *extra]
     if out.exists():

@@ -245,6 +245,7 @@ def job_daskpath(p: dict) -> dict:
         c_ingest = _cpu_s() - c0
         manifest = _write_manifest(out / "manifest.csv", [("synth000", Path(he), Path(ihc))])
         over = {"slides": str(manifest), "output_dir": str(out / "run"), "overwrite": True,
+                "stages": ["preprocess"],
                 "cache_dir": str(out / "cache"), "layers": {"downsample": p["downsample"]},
                 "cluster": {"n_workers": p["workers"], "threads_per_worker": 1}}
         if p.get("chunk_size"):

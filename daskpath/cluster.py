@@ -224,6 +224,8 @@ def slurm_job_script(cfg: ClusterConfig) -> str:
     kw["scheduler_options"] = {"host": "127.0.0.1", "dashboard": False, "port": 0}
     kw["interface"] = None
     quiet_distributed()
+    # worker processes inherit this: TensorFlow's C++ start-up chatter is not for users
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with SLURMCluster(**kw) as cluster:
         script = cluster.job_script()
         address = cluster.scheduler_address

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 STAGES = ("preprocess", "nuclei", "translate", "baselines")
-AVAILABLE_STAGES = ("preprocess",)
+AVAILABLE_STAGES = ("preprocess", "nuclei", "translate")
 CLUSTER_KINDS = ("local", "local-cuda", "slurm", "kubernetes", "address")
 AVAILABLE_CLUSTERS = CLUSTER_KINDS
 
@@ -52,6 +52,24 @@ class SsimConfig:
     threshold: float = 0.4
     sigma: float = 1.5
     dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class NucleiConfig:
+    model: str = "phantom"
+    method: str = "nucleus"
+    dab_threshold: float | str = 0.15
+    stain_matrix: str = "hed"
+    prob_thresh: float | None = None
+    nms_thresh: float | None = None
+
+
+@dataclass(frozen=True)
+class TranslateConfig:
+    model: str = "phantom"
+    batch_size: int = 8
+    blend: str = "crop"
+    norm_stats: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -133,12 +151,14 @@ class Config:
     output_dir: str = "daskpath_out"
     chunk_size: int | None = None
     cache_dir: str | None = None
-    stages: tuple[str, ...] = ("preprocess",)
+    stages: tuple[str, ...] = ("preprocess", "nuclei", "translate")
     overwrite: bool = False
     retries: int = 2
     tiles: TilesConfig = field(default_factory=TilesConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
     ssim: SsimConfig = field(default_factory=SsimConfig)
+    nuclei: NucleiConfig = field(default_factory=NucleiConfig)
+    translate: TranslateConfig = field(default_factory=TranslateConfig)
     layers: LayersConfig = field(default_factory=LayersConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -277,6 +297,29 @@ def _check(cfg: Config) -> None:
         raise bad("retries", cfg.retries, "use 0..20")
     if not cfg.stages:
         raise bad("stages", [], "give at least one stage, e.g. [preprocess]")
+    if "preprocess" not in cfg.stages:
+        raise bad("stages", list(cfg.stages), "every run needs 'preprocess' (it selects the tiles)")
+    if "translate" in cfg.stages and "nuclei" not in cfg.stages:
+        raise bad("stages", list(cfg.stages), "'translate' is scored by the nuclei stage: add 'nuclei'")
+    if cfg.nuclei.method not in ("nucleus", "two-channel"):
+        raise bad("nuclei.method", cfg.nuclei.method, "nucleus or two-channel")
+    thr = cfg.nuclei.dab_threshold
+    if isinstance(thr, str) and thr != "auto":
+        raise bad("nuclei.dab_threshold", thr, "a DAB optical density (e.g. 0.15) or auto")
+    if not isinstance(thr, str) and not 0 < thr < 3:
+        raise bad("nuclei.dab_threshold", thr, "a DAB optical density in (0, 3), or auto")
+    if cfg.nuclei.stain_matrix not in ("hed", "macenko"):
+        raise bad("nuclei.stain_matrix", cfg.nuclei.stain_matrix, "hed or macenko")
+    for k in ("prob_thresh", "nms_thresh"):
+        v = getattr(cfg.nuclei, k)
+        if v is not None and not 0 < v < 1:
+            raise bad(f"nuclei.{k}", v, "in (0, 1), or null for the model's own")
+    if cfg.translate.batch_size < 1:
+        raise bad("translate.batch_size", cfg.translate.batch_size, ">= 1")
+    if cfg.translate.blend not in ("crop", "feather"):
+        raise bad("translate.blend", cfg.translate.blend, "crop or feather")
+    if cfg.translate.norm_stats not in ("auto", "slide", "tile", "running"):
+        raise bad("translate.norm_stats", cfg.translate.norm_stats, "auto, slide, tile or running")
     if cfg.chunk_size is not None and not 256 <= cfg.chunk_size <= 32768:
         raise bad("chunk_size", cfg.chunk_size, "use 256..32768 px (or null for the default)")
     if not 64 <= cfg.tiles.size <= 65536:

@@ -486,6 +486,11 @@ def _run(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: f
             write_table(part, _part_path(out, plan.slide))
             if plan.work_dir is not None:
                 shutil.rmtree(plan.work_dir, ignore_errors=True)
+                for d in (plan.work_dir.parent, plan.work_dir.parent.parent):
+                    try:
+                        d.rmdir()  # only if empty
+                    except OSError:
+                        pass
             _tick(bars, progress, slide, done, len(manifest))
         except Exception as e:  # noqa: BLE001
             fail(slide, "preprocess", e)
@@ -518,9 +523,142 @@ def _run(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: f
     if bars is not None:
         for b in bars:
             b.close()
+    failed = {f["slide"] for f in failures}
+    model_slides = [r for r in manifest.itertuples(index=False)
+                    if r.slide not in failed and _part_path(out, r.slide).exists()]
+    for stage in ("nuclei", "translate"):
+        if stage not in cfg.stages:
+            continue
+        for r in _progress_iter(model_slides, progress, stage):
+            if r.slide in failed:
+                continue
+            try:
+                _model_stage(stage, r.slide, r.he, r.ihc, cfg, out, client)
+            except Exception as e:  # noqa: BLE001 - one bad slide must not sink the cohort
+                msg = str(e) if isinstance(e, DaskpathError) else f"{type(e).__name__}: {e}"
+                log.debug("slide %s failed in %s:\n%s", r.slide, stage, traceback.format_exc())
+                failures.append({"slide": r.slide, "stage": stage, "error": msg})
+                failed.add(r.slide)
     res = _assemble(cfg, manifest, out, failures, t0)
     res.chunks_computed, res.chunks_total = counts
     return res
+
+
+def _progress_iter(items, progress, stage: str):
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        return tqdm(items, unit="slide", desc=stage)
+    return items
+
+
+def _stage_path(out: Path, slide: str, stage: str) -> Path:
+    return out / "parts" / f"{slide}.{stage}.parquet"
+
+
+def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Path, client) -> None:
+    """Run a model stage (nuclei on the real IHC, or translate + nuclei on the virtual IHC).
+
+    Writes ``parts/<slide>.<stage>.parquet`` (per-tile ratio columns, NaN outside kept tiles)
+    and the nuclei table, atomically; a finished stage is skipped on a rerun.
+    """
+    from daskpath.cluster import check_runnable, model_annotations
+    from daskpath.io import open_pair
+    from daskpath.nuclei import measure_nuclei, tile_ratios
+
+    part = _stage_path(out, slide, stage)
+    if part.exists() and not cfg.overwrite:
+        log.info("slide %s: stage %s already done", slide, stage)
+        return
+    tiles = read_table(_part_path(out, slide)).drop(columns=["mpp"], errors="ignore")
+    keep = (tiles["tissue_fraction"] >= cfg.tiles.min_tissue) & (tiles["ssim"] >= cfg.ssim.threshold)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    ds = open_pair(he, ihc, chunk_size=cfg.chunk_size, cache_dir=cache)
+    ann = model_annotations(client)
+    check_runnable(client, ann)
+    resources = ann.get("resources")
+    kw = dict(
+        model=cfg.nuclei.model,
+        method=cfg.nuclei.method,
+        dab_threshold=cfg.nuclei.dab_threshold,
+        stain_matrix=None if cfg.nuclei.stain_matrix == "hed" else cfg.nuclei.stain_matrix,
+        prob_thresh=cfg.nuclei.prob_thresh,
+        nms_thresh=cfg.nuclei.nms_thresh,
+        resources=resources,
+    )
+    if stage == "nuclei":
+        image, suffix, source = ds["ihc"].data, "ihc", "ihc"
+    else:
+        import dask.array as da
+        import zarr
+
+        from daskpath.translate import translate
+
+        virtual = translate(
+            ds["he"].data,
+            cfg.translate.model,
+            batch_size=cfg.translate.batch_size,
+            blend=cfg.translate.blend,
+            norm_stats=cfg.translate.norm_stats,
+            resources=resources,
+        )
+        # the virtual IHC is a layer of its own: written once, region by region, then measured
+        vdir = out / "layers" / f"{slide}.virtual.zarr"
+        tmp = vdir.with_name(f".{vdir.name}.partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        cy, cx = virtual.chunks[0][0], virtual.chunks[1][0]
+        target = zarr.open_array(str(tmp), mode="w", shape=virtual.shape, chunks=(cy, cx, 3), dtype="uint8")
+        client.compute(da.store(virtual, target, lock=False, compute=False), retries=cfg.retries).result()
+        replace_dir(tmp, vdir)
+        image = da.from_zarr(str(vdir)).rechunk(ds["ihc"].data.chunks)
+        suffix, source = "virtual", "virtual"
+    df = measure_nuclei(image, **kw)
+    df.insert(0, "source", source)
+    df.insert(0, "slide", slide)
+    from daskpath.monitor import count
+
+    count("nuclei_found", len(df))
+    ratios = tile_ratios(df, tiles, suffix=suffix)
+    cols = [f"ratio_{suffix}", f"ki67_index_{suffix}"]
+    # per-tile ratios are reported on kept tiles only (the others are not comparable)
+    ratios.loc[~keep.to_numpy(), cols] = np.nan
+    # area and counts per tile, for slide-level area-weighted aggregation
+    agg = _tile_nuclei_sums(df, tiles)
+    stage_tab = pd.concat([ratios[["slide", "y0", "x0"] + cols], agg.add_suffix(f"_{suffix}")], axis=1)
+    write_table(df, out / "nuclei" / f"{slide}{'' if suffix == 'ihc' else '.' + suffix}.parquet")
+    write_table(stage_tab, part)
+
+
+def _tile_nuclei_sums(df: pd.DataFrame, tiles: pd.DataFrame) -> pd.DataFrame:
+    """Per tile: positive area, all area, positive count, count (nuclei assigned by centroid)."""
+    size_y = tiles["height"].max()
+    size_x = tiles["width"].max()
+    ty = np.floor(df["y"].to_numpy() / size_y).astype(np.int64)
+    tx = np.floor(df["x"].to_numpy() / size_x).astype(np.int64)
+    index = {(int(a // size_y), int(b // size_x)): i for i, (a, b) in enumerate(zip(tiles["y0"], tiles["x0"]))}
+    pos_area = np.zeros(len(tiles))
+    all_area = np.zeros(len(tiles))
+    pos_n = np.zeros(len(tiles))
+    all_n = np.zeros(len(tiles))
+    if "channel" in df.columns and set(df["channel"].unique()) <= {"dab", "hematoxylin"}:
+        pos = (df["channel"] == "dab").to_numpy()
+        counted = (df["channel"] == "hematoxylin").to_numpy()
+    else:
+        pos = df["positive"].to_numpy(bool)
+        counted = np.ones(len(df), bool)
+    area = df["area"].to_numpy(np.float64)
+    for k, key in enumerate(zip(ty, tx)):
+        i = index.get((int(key[0]), int(key[1])))
+        if i is None:
+            continue
+        if pos[k]:
+            pos_area[i] += area[k]
+            pos_n[i] += 1
+        if counted[k]:
+            all_area[i] += area[k]
+            all_n[i] += 1
+    return pd.DataFrame({"pos_area": pos_area, "all_area": all_area, "pos_n": pos_n, "all_n": all_n})
 
 
 def _tile_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
@@ -539,12 +677,41 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dic
         part = part.drop(columns=["mpp"])
         # re-derive keep from the current thresholds (a rerun may change them)
         part["keep"] = (part["tissue_fraction"] >= cfg.tiles.min_tissue) & (part["ssim"] >= cfg.ssim.threshold)
+        row = summarize_slide(part, cfg, mpp)
+        for stage, suffix in (("nuclei", "ihc"), ("translate", "virtual")):
+            sp = _stage_path(out, slide, stage)
+            if stage not in cfg.stages or not sp.exists():
+                continue
+            st = read_table(sp)
+            part[f"ratio_{suffix}"] = st[f"ratio_{suffix}"].to_numpy()
+            part[f"ki67_index_{suffix}"] = st[f"ki67_index_{suffix}"].to_numpy()
+            k = part["keep"].to_numpy()
+            pa, aa = st[f"pos_area_{suffix}"].to_numpy()[k].sum(), st[f"all_area_{suffix}"].to_numpy()[k].sum()
+            pn, an = st[f"pos_n_{suffix}"].to_numpy()[k].sum(), st[f"all_n_{suffix}"].to_numpy()[k].sum()
+            row[f"ratio_{suffix}"] = pa / aa if aa > 0 else np.nan
+            row[f"ki67_index_{suffix}"] = pn / an if an > 0 else np.nan
+            row[f"nuclei_{suffix}"] = int(an)
         parts.append(part)
-        rows.append(summarize_slide(part, cfg, mpp))
+        rows.append(row)
     tiles = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TILE_COLUMNS)
     slides = pd.DataFrame(rows)
     write_table(tiles, out / "tiles.parquet")
     write_table(slides, out / "slides.csv")
+    if "ratio_ihc" in tiles.columns:
+        from daskpath.metrics import score_table
+        from daskpath.outputs import write_json
+
+        kept = tiles[tiles["keep"]] if len(tiles) else tiles
+        write_json(
+            {
+                "truth": "ratio_ihc (area ratio on the real IHC, nuclei stage)",
+                "tiles": score_table(kept),
+                "slides": score_table(slides) if len(slides) else {},
+                "n_tiles_kept": int(len(kept)),
+                "n_slides": int(len(slides)),
+            },
+            out / "metrics.json",
+        )
     fail_df = pd.DataFrame(failures, columns=["slide", "stage", "error"])
     fpath = out / "failures.csv"
     if failures:

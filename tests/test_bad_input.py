@@ -101,7 +101,7 @@ def test_bad_slide_reported_and_others_complete(case, good, tmp_path, capsys):
 def _config(d: Path, out: Path) -> Path:
     cfg = d / "c.yaml"
     cfg.write_text(
-        f"slides: {d / 'm.csv'}\noutput_dir: {out}\n"
+        f"slides: {d / 'm.csv'}\noutput_dir: {out}\nstages: [preprocess]\n"
         "cluster:\n  n_workers: 1\n  threads_per_worker: 2\n  dashboard_address: '127.0.0.1:0'\n"
     )
     return cfg

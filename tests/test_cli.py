@@ -22,7 +22,7 @@ def test_synth_then_run(tmp_path, capsys):
     assert manifest.exists()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        f"slides: {manifest}\noutput_dir: {tmp_path / 'o'}\n"
+        f"slides: {manifest}\noutput_dir: {tmp_path / 'o'}\nstages: [preprocess]\n"
         "cluster:\n  n_workers: 1\n  threads_per_worker: 2\n  dashboard_address: '127.0.0.1:0'\n"
     )
     assert main(["-q", "run", str(cfg), "--no-progress", "--set", "tiles.size=512"]) == 0

@@ -16,7 +16,7 @@ from daskpath.pipeline import run
 
 
 def _cfg(manifest, out, *extra):
-    return load_config(None, [f"slides={manifest}", f"output_dir={out}", *extra])
+    return load_config(None, [f"slides={manifest}", f"output_dir={out}", "stages=[preprocess]", *extra])
 
 
 @pytest.fixture(scope="module")

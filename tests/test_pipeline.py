@@ -15,7 +15,7 @@ from daskpath.tissue import tissue_block
 
 
 def _cfg(manifest, out, *extra):
-    return load_config(None, [f"slides={manifest}", f"output_dir={out}", *extra])
+    return load_config(None, [f"slides={manifest}", f"output_dir={out}", "stages=[preprocess]", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,72 @@
+"""Model stages end to end: nuclei on the real IHC, translation + nuclei on the virtual IHC."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("stardist")
+pytest.importorskip("torch")
+
+from daskpath.config import load_config  # noqa: E402
+from daskpath.pipeline import run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def full_run(synth_cohort, dask_client, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={out}", "tiles.size=512"])
+    return run(cfg, client=dask_client)
+
+
+def _truth_ratio(folder, slide, tiles):
+    truth = pd.read_parquet(folder / f"{slide}_truth.parquet")
+    out = []
+    for r in tiles.itertuples():
+        sel = truth[(truth.y >= r.y0) & (truth.y < r.y0 + r.height) & (truth.x >= r.x0) & (truth.x < r.x0 + r.width)]
+        a = sel.area.sum()
+        out.append(sel.area[sel.positive].sum() / a if a else np.nan)
+    return np.array(out)
+
+
+def test_tables_have_ratio_columns_and_metrics(full_run):
+    res = full_run
+    assert res.ok, res.failures
+    for col in ("ratio_ihc", "ki67_index_ihc", "ratio_virtual", "ki67_index_virtual"):
+        assert col in res.tiles.columns and col in res.slides.columns
+    kept = res.tiles[res.tiles.keep]
+    assert len(kept) >= 2
+    assert kept["ratio_ihc"].between(0, 1).all()
+    assert res.tiles.loc[~res.tiles.keep, "ratio_ihc"].isna().all()
+    metrics = json.loads((res.output_dir / "metrics.json").read_text())
+    v = metrics["tiles"]["virtual"]
+    assert v["n"] == kept["ratio_virtual"].notna().sum()
+    assert {"acc@0.05", "acc@0.1", "acc@0.2", "mse", "mae", "class_accuracy", "balanced_accuracy"} <= set(v)
+    assert np.array(v["confusion"]["rows_truth_cols_pred"]).sum() == v["n"]
+    nuc = pd.read_parquet(res.output_dir / "nuclei" / f"{res.slides.slide[0]}.parquet")
+    assert {"y", "x", "area", "dab_od", "positive", "source"} <= set(nuc.columns)
+    assert not nuc.duplicated(["y", "x"]).any()
+
+
+def test_ground_truth_ratio_matches_phantom_truth(full_run, synth_cohort):
+    """ratio_ihc measured by StarDist + DAB on the real IHC vs the phantom's known truth."""
+    tiles = full_run.tiles
+    errs = []
+    for slide, g in tiles[tiles.keep].groupby("slide"):
+        truth = _truth_ratio(synth_cohort.parent, slide, g)
+        errs.append(np.abs(g["ratio_ihc"].to_numpy() - truth))
+    err = np.concatenate(errs)
+    assert np.nanmean(err) <= 0.03, f"MAE {np.nanmean(err):.3f}"
+
+
+def test_rerun_skips_finished_stages(full_run, synth_cohort, dask_client):
+    parts = sorted(full_run.output_dir.glob("parts/*.parquet"))
+    before = {p: p.stat().st_mtime_ns for p in parts}
+    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={full_run.output_dir}", "tiles.size=512"])
+    res = run(cfg, client=dask_client)
+    assert res.ok
+    assert {p: p.stat().st_mtime_ns for p in parts} == before
+    pd.testing.assert_frame_equal(res.tiles, full_run.tiles)
