@@ -113,6 +113,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Pass the remaining arguments to the trainer of ``args.what``."""
+    rest = list(args.rest)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    if args.what == "stardist":
+        from daskpath.train_stardist import main as train_main
+    else:
+        from daskpath.translate.train import main as train_main
+    return int(train_main(rest) or 0)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -190,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser(
+        "train",
+        help="train a model: stardist (nucleus segmentation) or translator (H&E -> IHC GAN)",
+        description="Reproduce a shipped model or train your own. Arguments after WHAT go to the "
+        "trainer: `daskpath train stardist -- --help`, `daskpath train translator -- --help`.",
+    )
+    s.add_argument("what", choices=("stardist", "translator"))
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="trainer arguments (see -- --help)")
+    s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("config", help="print the merged, validated configuration")
     s.add_argument("config", type=Path, nargs="?", default=None)

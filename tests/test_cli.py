@@ -9,7 +9,8 @@ from daskpath.cli import main
 
 
 def test_help_for_every_command(capsys):
-    for cmd in ([], ["synth"], ["ingest"], ["run"], ["demo"], ["info"], ["config"]):
+    for cmd in ([], ["synth"], ["ingest"], ["run"], ["demo"], ["info"], ["config"], ["train"],
+                ["train", "stardist", "--"], ["train", "translator", "--"]):
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
         assert e.value.code == 0
