@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -318,3 +319,40 @@ def test_import_daskpath_does_not_import_torch():
     code = "import sys, daskpath, daskpath.translate; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
+
+
+def test_balanced_window_layout_covers_with_least_overlap():
+    # a 1088 px block with 768 px windows (halo 64): two 608 px windows, not two 768 px ones
+    starts, t = inf.window_layout(1088, 768, 64)
+    assert t == 608 and starts == [0, 480]
+    assert inf.window_layout(500, 768, 64) == ([0], 500)
+    for length in (200, 268, 1000, 1152, 2048):
+        starts, t = inf.window_layout(length, 256, 32)
+        assert t <= 256 and t % 4 == 0 and all(s % 4 == 0 for s in starts)
+        assert len(starts) == len(inf.window_starts(length, 256, 32))  # no extra windows
+        cores = inf._core_ranges(starts, t, length, 32)
+        cover = np.zeros(length, int)
+        for lo, hi in cores.values():
+            cover[lo:hi] += 1
+        assert (cover == 1).all()  # every pixel from exactly one window core
+
+
+def test_task_threads_share_the_cores(monkeypatch):
+    import threading
+
+    monkeypatch.delenv("DASKPATH_TORCH_THREADS", raising=False)
+    assert inf._task_threads(3) == 3
+    assert inf._task_threads() is None  # main thread (sync scheduler): leave torch alone
+    got = {}
+
+    def worker():
+        with dask.config.set(num_workers=2):
+            got["n"] = inf._task_threads()
+
+    th = threading.Thread(target=worker)
+    th.start()
+    th.join()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert got["n"] == max(1, cores // 2)
+    monkeypatch.setenv("DASKPATH_TORCH_THREADS", "1")
+    assert inf._task_threads() == 1

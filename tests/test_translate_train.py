@@ -152,3 +152,38 @@ def test_shipped_phantom_model_makes_brown_positive_nuclei():
     r = score.measure_dab_nuclei(ihc)
     ratio = lambda d: (d["area"] * d["positive"]).sum() / d["area"].sum()  # noqa: E731
     assert abs(ratio(v) - ratio(r)) < 0.1
+
+
+def test_pooled_norm_training_keeps_the_reference_layout(tmp_path, pairs):
+    from daskpath.translate.train import PooledNorm, pool_instance_norms
+    from daskpath.translate.networks import define_G
+
+    g = define_G("resnet_6blocks", 4, "instance")
+    keys = set(g.state_dict())
+    assert pool_instance_norms(g) > 0 and set(g.state_dict()) == keys
+    x = torch.randn(3, 4, 8, 8) * 2 + 1
+    y = PooledNorm()(x)
+    assert abs(float(y.mean())) < 1e-5 and abs(float(y.var(unbiased=False)) - 1) < 1e-3
+    out = train(_cfg("pix2pix", train_norm="pooled"), pairs, tmp_path / "p", progress=False)
+    net, spec = load_generator(out)  # strict load into a plain instance-norm generator
+    assert spec.norm == "instance" and spec.extra["training"]["train_norm"] == "pooled"
+    init = train(_cfg("pix2pix", train_norm="pooled", init_from=str(out), lr=0.0), pairs,
+                 tmp_path / "i", progress=False)
+    a = torch.load(out / "latest_net_G.pth", weights_only=True)
+    b = torch.load(init / "latest_net_G.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the initial weights come through
+    # instance (pooled) -> batch norm: same function in train mode, running stats for eval
+    bn = train(_cfg("pix2pix", norm="batch", init_from=str(out), lr=0.0), pairs, tmp_path / "b",
+               progress=False)
+    gi, _ = load_generator(out)
+    gb, _ = load_generator(bn, eval=False)
+    pool_instance_norms(gi)
+    for m in gb.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(gi(x), gb.train()(x), atol=1e-4)
+    with pytest.raises(ConfigError):
+        TrainConfig(train_norm="group")

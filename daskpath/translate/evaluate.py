@@ -34,6 +34,7 @@ def evaluate_phantom(
     min_tissue: float = 0.5,
     workdir: str | Path | None = None,
     batch_size: int = 8,
+    amp: str | bool | None = None,
 ) -> dict:
     """Per-tile ratio metrics (virtual vs truth, real vs truth) and SSIM/PSNR on held-out slides."""
     import dask
@@ -54,7 +55,7 @@ def evaluate_phantom(
             he = ds["he"].data
             t = time.time()
             with dask.config.set(scheduler="threads"):
-                virt = translate(he, model, batch_size=batch_size).compute()
+                virt = translate(he, model, batch_size=batch_size, amp=amp).compute()
             timing[f"seed{s}_translate_s"] = round(time.time() - t, 1)
             real = ds["ihc"].data.compute()
             he_np = he.compute()
@@ -80,7 +81,7 @@ def evaluate_phantom(
     df = pd.concat(rows, ignore_index=True)
     kept = df[df["tissue"] >= min_tissue]
     return {
-        "model": str(model), "seeds": list(seeds), "size": list(size), "tile": tile,
+        "model": str(model), "amp": amp, "seeds": list(seeds), "size": list(size), "tile": tile,
         "min_tissue": min_tissue, "n_tiles": int(len(kept)),
         "virtual_vs_truth": ratio_metrics(kept["virtual"], kept["truth"]),
         "real_vs_truth": ratio_metrics(kept["real"], kept["truth_ihc"]),
@@ -96,8 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     p.add_argument("--size", type=int, nargs=2, default=[4096, 4096])
     p.add_argument("--tile", type=int, default=1024)
+    p.add_argument("--amp", choices=["fp16", "bf16"], default=None,
+                   help="autocast for the translation (default: none on CPU, fp16 on CUDA)")
     a = p.parse_args(argv)
-    res = evaluate_phantom(a.model, a.seeds, tuple(a.size), a.tile)
+    res = evaluate_phantom(a.model, a.seeds, tuple(a.size), a.tile, amp=a.amp)
     Path(a.out_json).write_text(json.dumps(res, indent=2) + "\n")
     short = {k: v for k, v in res.items() if k != "tiles"}
     print(json.dumps(short, indent=2))

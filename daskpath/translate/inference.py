@@ -36,7 +36,16 @@ the frozen statistics as numbers), never a network. Each worker process builds t
 through :func:`get_generator`, a cache guarded by a lock. On CUDA the network runs in
 ``channels_last`` with fp16 autocast (``amp="bf16"`` for bfloat16); tasks can be annotated with
 ``resources={"GPU": 1}`` so that dask-cuda workers take them.
-``DASKPATH_TORCH_THREADS`` (environment) caps torch's intra-op threads in a worker process.
+On CPU each task sets torch's intra-op threads to the cores divided by the dask worker's
+threads (``translate(torch_threads=...)`` or ``DASKPATH_TORCH_THREADS`` override it), so dask
+threads and torch threads do not oversubscribe the cores.
+
+Window layout
+-------------
+Windows are at most ``tile`` px; along each axis of a block the fewest windows that cover it are
+shrunk evenly (:func:`window_layout`), so a block just above one window costs two half-size
+windows, not two full ones. On CPU, windows as large as the halo'd chunk (``tile >= chunk +
+2 halo``) keep the recomputed overlap smallest; batching matters on GPUs, not on CPUs.
 """
 
 from __future__ import annotations
@@ -75,6 +84,8 @@ __all__ = [
     "translate_array",
     "translate",
     "window_starts",
+    "window_size",
+    "window_layout",
     "seam_positions",
     "seam_energy",
 ]
@@ -143,6 +154,48 @@ def _torch_threads() -> None:
         import torch
 
         torch.set_num_threads(max(1, int(n)))
+
+
+def _task_threads(requested: int | None = None) -> int | None:
+    """Intra-op torch threads for a translation task, so dask threads x torch threads <= cores.
+
+    ``requested`` (``translate(torch_threads=...)``) wins, then ``DASKPATH_TORCH_THREADS``;
+    otherwise, inside a dask worker thread (threaded scheduler or a distributed worker), the
+    cores are shared out among the worker's threads (``cores // threads``, at least 1). In the
+    main thread (``scheduler="sync"``) torch's setting is left alone (``None``).
+    """
+    if requested:
+        return max(1, int(requested))
+    env = os.environ.get("DASKPATH_TORCH_THREADS")
+    if env:
+        return max(1, int(env))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    nt = None
+    try:
+        from distributed import get_worker
+
+        nt = int(get_worker().state.nthreads)
+    except Exception:  # not in a distributed worker (or no distributed installed)
+        nt = None
+    if nt is None:
+        if threading.current_thread() is threading.main_thread():
+            return None
+        import dask
+
+        nt = int(dask.config.get("num_workers", None) or cores)
+    return max(1, cores // max(nt, 1))
+
+
+def _set_torch_threads(n: int | None) -> None:
+    """``torch.set_num_threads(n)`` once (process-wide), under the cache lock."""
+    if not n:
+        return
+    import torch
+
+    if torch.get_num_threads() != n:
+        with _LOCK:
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
 
 
 def _device(device: str | None):
@@ -440,9 +493,35 @@ def window_starts(length: int, tile: int, halo: int) -> list[int]:
     return sorted(set(starts))
 
 
-def seam_positions(length: int, tile: int, halo: int, blend: Blend = "crop") -> list[int]:
-    """Pixel indices ``i`` where output from one window meets the next (between ``i-1`` and ``i``)."""
-    starts = window_starts(length, tile, halo)
+def window_size(length: int, tile: int, halo: int, multiple: int = 4) -> int:
+    """Balanced window side along one axis: as few windows as ``tile`` allows, shrunk evenly.
+
+    ``n = ceil((length - 2 halo) / (tile - 2 halo))`` windows are needed; each is cut down to
+    ``ceil((length - 2 halo) / n) + 2 halo`` (rounded up to ``multiple``, at most ``tile``), so
+    the cores share the length instead of the last window overlapping the one before by up to a
+    whole core (which cost up to twice the necessary compute on blocks just above one window).
+    """
+    if length <= tile:
+        return length
+    inner = length - 2 * halo
+    n = -(-inner // (tile - 2 * halo))
+    t = -(-(-(-inner // n) + 2 * halo) // multiple) * multiple
+    return int(min(tile, t))
+
+
+def window_layout(length: int, tile: int, halo: int, multiple: int = 4) -> tuple[list[int], int]:
+    """``(starts, size)`` of the balanced windows along one axis (see :func:`window_size`)."""
+    t = window_size(length, tile, halo, multiple)
+    return window_starts(length, t, halo), t
+
+
+def seam_positions(length: int, tile: int, halo: int, blend: Blend = "crop", multiple: int = 4) -> list[int]:
+    """Pixel indices ``i`` where output from one window meets the next (between ``i-1`` and ``i``).
+
+    Follows the balanced layout of :func:`window_layout` that :func:`translate_array` uses for
+    ResNets (``multiple=4``).
+    """
+    starts, tile = window_layout(length, tile, halo, multiple)
     if blend == "crop":
         return [s + tile - halo for s in starts[:-1]]
     return [s + tile // 2 for s in starts[:-1]]
@@ -495,16 +574,30 @@ def translate_array(
     # pad at the far end to the stride multiple (and to one window when the image is small)
     hp = max(-(-h // m) * m, min(tile, -(-h // m) * m))
     wp = max(-(-w // m) * m, min(tile, -(-w // m) * m))
-    th, tw = min(tile, hp), min(tile, wp)
-    if spec.arch.startswith("unet"):
+    if spec.arch.startswith("unet"):  # U-Nets see whole windows of exactly `tile`
         hp, wp, th, tw = max(hp, tile), max(wp, tile), tile, tile
+        ys, xs = window_starts(hp, th, halo), window_starts(wp, tw, halo)
+    else:
+        (ys, th), (xs, tw) = window_layout(hp, tile, halo, m), window_layout(wp, tile, halo, m)
     img = _pad_to(rgb, hp, wp)
-    ys, xs = window_starts(hp, th, halo), window_starts(wp, tw, halo)
+    wins = [(y, x) for y in ys for x in xs]
+    if blend == "crop":
+        # every output pixel comes from exactly one window: the core of each window, starting
+        # where the previous window's core ends (no accumulation buffers, no division)
+        res = np.empty((hp, wp, 3), np.uint8)
+        cy, cx = _core_ranges(ys, th, hp, halo), _core_ranges(xs, tw, wp, halo)
+        for i in range(0, len(wins), batch_size):
+            part = wins[i:i + batch_size]
+            batch = np.stack([img[y:y + th, x:x + tw] for y, x in part])
+            out = run_generator(net, batch, spec, amp=amp)
+            for (y, x), o in zip(part, out):
+                (y0, y1), (x0, x1) = cy[y], cx[x]
+                res[y0:y1, x0:x1] = o[y0 - y:y1 - y, x0 - x:x1 - x]
+        return res[:h, :w]
     acc = np.zeros((hp, wp, 3), np.float32)
     wsum = np.zeros((hp, wp, 1), np.float32)
     wy = {y: _weights_1d(y, th, hp, halo, blend) for y in ys}
     wx = {x: _weights_1d(x, tw, wp, halo, blend) for x in xs}
-    wins = [(y, x) for y in ys for x in xs]
     for i in range(0, len(wins), batch_size):
         part = wins[i:i + batch_size]
         batch = np.stack([img[y:y + th, x:x + tw] for y, x in part])
@@ -517,16 +610,30 @@ def translate_array(
     return np.clip(np.rint(res), 0, 255).astype(np.uint8)[:h, :w]
 
 
+def _core_ranges(starts: list[int], tile: int, length: int, halo: int) -> dict[int, tuple[int, int]]:
+    """Output range ``[lo, hi)`` each window writes in crop mode: its core, after the previous one."""
+    out, prev = {}, 0
+    for s in starts:
+        hi = length if s + tile >= length else s + tile - halo
+        lo = max(prev, s + halo if s else 0)
+        out[s] = (lo, hi)
+        prev = hi
+    return out
+
+
 class _TranslateBlock:
     """Picklable per-chunk function: load the generator from the cache, translate the block."""
 
     def __init__(self, ref: TranslatorRef, tile: int, halo: int, batch_size: int, blend: Blend,
-                 device: str | None, amp) -> None:
+                 device: str | None, amp, torch_threads: int | None = None) -> None:
         self.ref, self.tile, self.halo = ref, tile, halo
         self.batch_size, self.blend, self.device, self.amp = batch_size, blend, device, amp
+        self.torch_threads = torch_threads
 
     def __call__(self, block: np.ndarray) -> np.ndarray:
         net = get_generator(self.ref, self.device)
+        if next(net.parameters()).device.type == "cpu":
+            _set_torch_threads(_task_threads(self.torch_threads))
         return translate_array(block, net, self.ref.spec, tile=self.tile, halo=self.halo,
                                batch_size=self.batch_size, blend=self.blend, amp=self.amp)
 
@@ -561,6 +668,7 @@ def translate(
     amp: str | bool | None = None,
     resources: dict[str, float] | None = None,
     seed: int = 0,
+    torch_threads: int | None = None,
 ) -> da.Array:
     """Lazy virtual IHC of an H&E slide, on the H&E's pixel grid.
 
@@ -589,6 +697,10 @@ def translate(
         Autocast (default fp16 on CUDA, off on CPU).
     resources : dict, optional
         Dask resource annotation of the translation tasks, e.g. ``{"GPU": 1}``.
+    torch_threads : int, optional
+        Torch intra-op threads per task on CPU. Default: ``DASKPATH_TORCH_THREADS``, else the
+        cores divided by the dask worker's threads (no oversubscription: 2 dask threads on 2
+        cores run 1 torch thread each); with the sync scheduler torch's setting is kept.
 
     Returns
     -------
@@ -630,7 +742,7 @@ def translate(
     depth = -(-halo // step) * step
     he = he.rechunk({0: _aligned(he.chunks[0], step, depth), 1: _aligned(he.chunks[1], step, depth),
                      2: 3})
-    fn = _TranslateBlock(ref, tile, halo, batch_size, blend, device, amp)
+    fn = _TranslateBlock(ref, tile, halo, batch_size, blend, device, amp, torch_threads)
     ctx = dask.annotate(resources=resources) if resources else contextlib.nullcontext()
     with ctx:
         out = da.map_overlap(fn, he, depth={0: depth, 1: depth, 2: 0}, boundary="none", trim=True,

@@ -21,6 +21,12 @@ epochs, ``daskpath.json`` (so the folder is a model folder), ``train_state.pt`` 
 schedulers, epoch: what ``resume=True`` continues from), ``loss_log.csv`` (one row per step) and
 ``loss_log.png``.
 
+Norm statistics: ``train_norm="pooled"`` trains an instance-norm generator with statistics
+pooled over the whole batch (:class:`PooledNorm`), which is what inference does with slide-level
+statistics (``translate(norm_stats="slide")``); with per-crop statistics (``"instance"``, the
+reference's) small crops learn to lean on statistics that a slide does not have. The saved state
+dict is the reference's either way. ``init_from`` starts the generator from a checkpoint.
+
 Data: :func:`phantom_pairs` renders aligned H&E / IHC regions of phantom slides (the IHC window
 is taken at the known section offset, so pairs are pixel-aligned for pix2pix);
 :func:`folder_pairs` reads the reference's ``trainA/``, ``trainB/`` folders (pairs by sorted file
@@ -59,6 +65,8 @@ __all__ = [
     "PairSampler",
     "GANLoss",
     "ImagePool",
+    "PooledNorm",
+    "pool_instance_norms",
     "gaussian_pyramid",
     "pyramid_l1",
     "train",
@@ -98,6 +106,8 @@ class TrainConfig:
     seed: int = 0
     tile: int = 512
     threads: int | None = None
+    train_norm: str = "instance"  # "pooled": G's instance norms use batch-pooled statistics
+    init_from: str = ""  # start G from this checkpoint (.pth or model folder) instead of random
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,6 +124,10 @@ class TrainConfig:
             self.gan_mode = "lsgan" if self.mode == "cyclegan" else "vanilla"
         if self.gan_mode not in ("vanilla", "lsgan"):
             raise ConfigError(f"train: gan_mode={self.gan_mode!r} must be vanilla or lsgan")
+        if self.train_norm not in ("instance", "pooled"):
+            raise ConfigError(f"train: train_norm={self.train_norm!r} must be instance or pooled")
+        if self.train_norm == "pooled" and self.norm != "instance":
+            raise ConfigError("train: train_norm='pooled' applies to norm='instance' generators only")
 
     def spec(self) -> GeneratorSpec:
         return GeneratorSpec(arch=self.arch, ngf=self.ngf, norm=self.norm, dropout=self.dropout,
@@ -259,6 +273,37 @@ class ImagePool:
         return torch.cat(out, 0)
 
 
+class PooledNorm(nn.Module):
+    """Instance norm whose statistics are pooled over the whole batch (``N, H, W``), no parameters.
+
+    Training with it (``train_norm="pooled"``) matches what inference does with slide-level
+    statistics (:func:`daskpath.translate.inference.slide_norm_stats` pools the statistics of
+    many tissue tiles, then freezes them): the generator never learns to rely on per-crop
+    statistics, which differ from slide statistics on small crops. It holds no parameters or
+    buffers, so the state dict is the same as with ``InstanceNorm2d(affine=False)``.
+    """
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps)
+
+
+def pool_instance_norms(net: nn.Module) -> int:
+    """Replace every ``InstanceNorm2d`` of ``net`` by :class:`PooledNorm` (in place); returns the count."""
+    n = 0
+    for name, m in list(net.named_modules()):
+        if isinstance(m, nn.InstanceNorm2d):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, leaf, PooledNorm(m.eps))
+            n += 1
+    return n
+
+
 _G3 = None
 
 
@@ -303,6 +348,36 @@ def _lr_lambda(cfg: TrainConfig):
         return 1.0 - max(0, epoch + 1 - cfg.epochs) / float(cfg.epochs_decay + 1)
 
     return f
+
+
+def _init_generator(net: nn.Module, source: str) -> None:
+    """Start ``net`` from the weights of ``source`` (folder or ``.pth``), norms may differ.
+
+    Every tensor whose name and shape match is copied. Going from an instance-norm generator
+    (convs with bias) to a batch-norm one (convs before a norm without bias) the dropped bias is
+    the one a following norm subtracts again, so a batch-norm net in train mode with the
+    initial affine (1, 0) computes what the source computes with batch-pooled statistics
+    (``train_norm="pooled"``). Batch-norm parameters and running statistics keep their initial
+    values. Raises if a convolution weight has no counterpart.
+    """
+    from daskpath.translate.checkpoints import _resolve
+
+    p, folder = _resolve(source)
+    if folder is not None:
+        spec_path = folder / SPEC_NAME
+        name = "latest_net_G.pth"
+        if spec_path.is_file():
+            name = json.loads(spec_path.read_text()).get("weights") or name
+        p = folder / name
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    own = net.state_dict()
+    copied = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k.endswith(".weight") and own[k].dim() == 4 and k not in copied]
+    if missing:
+        raise DaskpathError(f"init_from {source}: no weights for {missing[:3]}; "
+                            "the architectures (arch, ngf) must match")
+    net.load_state_dict(copied, strict=False)
 
 
 def _save(net: nn.Module, path: Path) -> None:
@@ -385,6 +460,11 @@ def train(
         nets["D_B"] = init_weights(define_D(3, cfg.ndf, cfg.n_layers_d, "batch" if cfg.norm == "batch" else "instance"))
     else:
         nets["D"] = init_weights(define_D(6, cfg.ndf, cfg.n_layers_d, "batch" if cfg.norm == "batch" else "instance"))
+    if cfg.init_from and not resume:
+        _init_generator(nets["G_A" if cyc else "G"], cfg.init_from)
+    if cfg.train_norm == "pooled":
+        for k in [k for k in nets if k.startswith("G")]:
+            pool_instance_norms(nets[k])
     for n in nets.values():
         n.to(dev).train()
     gnames = [k for k in nets if k.startswith("G")]
@@ -536,6 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
         elif k == "gan_mode":
             p.add_argument(flag, choices=["vanilla", "lsgan"], default=None)
+        elif k == "train_norm":
+            p.add_argument(flag, choices=["instance", "pooled"], default=v,
+                           help="pooled: batch-pooled statistics in G's instance norms (matches "
+                                "slide-level statistics at inference)")
         elif k == "threads":
             p.add_argument(flag, type=int, default=None)
         else:
