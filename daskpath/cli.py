@@ -78,7 +78,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from daskpath.config import load_config
     from daskpath.pipeline import run
 
-    cfg = load_config(args.config, args.set or [])
+    overrides = list(args.set or [])
+    if args.cluster:
+        overrides.append(f"cluster.kind={args.cluster}")
+    cfg = load_config(args.config, overrides)
     res = run(
         cfg,
         scheduler=args.scheduler,
@@ -188,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set tiles.size=2048 (repeatable)")
     s.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    s.add_argument("--cluster", default=None,
+                   choices=("local", "local-cuda", "slurm", "kubernetes", "address"),
+                   help="cluster kind (same as --set cluster.kind=KIND)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--performance-report", metavar="FILE.html", default=None,
                    help="write Dask's performance report of the run to this file")

@@ -224,8 +224,6 @@ def slurm_job_script(cfg: ClusterConfig) -> str:
     kw["scheduler_options"] = {"host": "127.0.0.1", "dashboard": False, "port": 0}
     kw["interface"] = None
     quiet_distributed()
-    # worker processes inherit this: TensorFlow's C++ start-up chatter is not for users
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with SLURMCluster(**kw) as cluster:
         script = cluster.job_script()
         address = cluster.scheduler_address
@@ -639,6 +637,8 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator:
         The package a kind needs is missing, the scheduler cannot be reached, no GPU, no worker
         joined in time.
     """
+    # worker processes inherit this: TensorFlow's C++ start-up chatter is not for users
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from distributed import Client, LocalCluster
 
     quiet_distributed()

@@ -613,7 +613,17 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
         replace_dir(tmp, vdir)
         image = da.from_zarr(str(vdir)).rechunk(ds["ihc"].data.chunks)
         suffix, source = "virtual", "virtual"
+    labels_dir = None
+    if cfg.nuclei.method == "nucleus":
+        # label image with globally unique ids (= nucleus table ids), written in the same pass
+        labels_dir = out / "layers" / f"{slide}.{suffix}-labels.zarr"
+        labels_tmp = labels_dir.with_name(f".{labels_dir.name}.partial")
+        if labels_tmp.exists():
+            shutil.rmtree(labels_tmp)
+        kw["labels_store"] = str(labels_tmp)
     df = measure_nuclei(image, **kw)
+    if labels_dir is not None:
+        replace_dir(labels_tmp, labels_dir)
     df.insert(0, "source", source)
     df.insert(0, "slide", slide)
     from daskpath.monitor import count

@@ -46,9 +46,16 @@ def test_tables_have_ratio_columns_and_metrics(full_run):
     assert v["n"] == kept["ratio_virtual"].notna().sum()
     assert {"acc@0.05", "acc@0.1", "acc@0.2", "mse", "mae", "class_accuracy", "balanced_accuracy"} <= set(v)
     assert np.array(v["confusion"]["rows_truth_cols_pred"]).sum() == v["n"]
-    nuc = pd.read_parquet(res.output_dir / "nuclei" / f"{res.slides.slide[0]}.parquet")
+    slide = res.slides.slide[0]
+    nuc = pd.read_parquet(res.output_dir / "nuclei" / f"{slide}.parquet")
     assert {"y", "x", "area", "dab_od", "positive", "source"} <= set(nuc.columns)
     assert not nuc.duplicated(["y", "x"]).any()
+    import zarr
+
+    labels = zarr.open_array(str(res.output_dir / "layers" / f"{slide}.ihc-labels.zarr"), mode="r")[:]
+    ids = np.unique(labels[labels > 0])
+    assert set(nuc["id"]) <= set(ids.tolist())  # globally unique ids shared by table and labels
+    assert len(ids) == pytest.approx(len(nuc), rel=0.02)
 
 
 def test_ground_truth_ratio_matches_phantom_truth(full_run, synth_cohort):
