@@ -636,7 +636,13 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     # area and counts per tile, for slide-level area-weighted aggregation
     agg = _tile_nuclei_sums(df, tiles)
     stage_tab = pd.concat([ratios[["slide", "y0", "x0"] + cols], agg.add_suffix(f"_{suffix}")], axis=1)
-    write_table(df, out / "nuclei" / f"{slide}{'' if suffix == 'ihc' else '.' + suffix}.parquet")
+    name = f"{slide}{'' if suffix == 'ihc' else '.' + suffix}"
+    # what was used (method, model, stain vectors, DAB threshold, normalisation, halo)
+    from daskpath.outputs import write_json
+
+    write_json(dict(df.attrs) | {"slide": slide, "source": source, "nuclei": int(len(df))},
+               out / "nuclei" / f"{name}.json")
+    write_table(df, out / "nuclei" / f"{name}.parquet")
     write_table(stage_tab, part)
 
 
