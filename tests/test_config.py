@@ -105,3 +105,15 @@ def test_bad_config_files(tmp_path):
 def test_demo_config_is_valid():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.slides and cfg.cluster.n_workers == 2
+
+
+def test_import_daskpath_is_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, daskpath; "
+        "print(sorted(m for m in ('torch', 'tensorflow', 'stardist', 'dask', 'cv2') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
