@@ -65,8 +65,12 @@ def _print_result(res) -> None:
         if len(res.slides):
             cols = [c for c in res.slides.columns if c not in ("height", "width", "mpp")]
             print(res.slides[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"\noutputs in {res.output_dir}/ (tiles.parquet, slides.csv, layers/) "
-          f"in {res.seconds:.1f} s")
+    names = [n for n in ("tiles.parquet", "slides.csv", "metrics.json", "nuclei/", "layers/")
+             if (res.output_dir / n.rstrip("/")).exists()]
+    print(f"\noutputs in {res.output_dir}/ ({', '.join(names)}) in {res.seconds:.1f} s")
+    report = res.output_dir / "report.html"
+    if report.exists():
+        print(f"report: {report.resolve()}")
     if not res.failures.empty:
         print(f"{len(res.failures)} slide(s) failed, see {res.output_dir / 'failures.csv'}:",
               file=sys.stderr)

@@ -29,6 +29,7 @@ def test_synth_then_run(tmp_path, capsys):
     assert main(["-q", "run", str(cfg), "--no-progress", "--set", "tiles.size=512"]) == 0
     out = capsys.readouterr().out
     assert "tiles_kept" in out
+    assert "report: " in out and "report.html" in out
     tiles = pd.read_parquet(tmp_path / "o" / "tiles.parquet")
     assert len(tiles) == 2 * 3
     assert main(["info", str(tmp_path / "s" / pd.read_csv(manifest).he[0])]) == 0
