@@ -613,6 +613,7 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
         replace_dir(tmp, vdir)
         image = da.from_zarr(str(vdir)).rechunk(ds["ihc"].data.chunks)
         suffix, source = "virtual", "virtual"
+        similarity = _tile_similarity(client, image, ds["ihc"].data, tiles, keep.to_numpy())
     labels_dir = None
     if cfg.nuclei.method == "nucleus":
         # label image with globally unique ids (= nucleus table ids), written in the same pass
@@ -636,6 +637,9 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     # area and counts per tile, for slide-level area-weighted aggregation
     agg = _tile_nuclei_sums(df, tiles)
     stage_tab = pd.concat([ratios[["slide", "y0", "x0"] + cols], agg.add_suffix(f"_{suffix}")], axis=1)
+    if stage == "translate":
+        stage_tab["ssim_virtual"] = similarity[:, 0]
+        stage_tab["psnr_virtual"] = similarity[:, 1]
     name = f"{slide}{'' if suffix == 'ihc' else '.' + suffix}"
     # what was used (method, model, stain vectors, DAB threshold, normalisation, halo)
     from daskpath.outputs import write_json
@@ -644,6 +648,37 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
                out / "nuclei" / f"{name}.json")
     write_table(df, out / "nuclei" / f"{name}.parquet")
     write_table(stage_tab, part)
+
+
+def _similarity_block(virtual: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Mean SSIM (design definition, float32 path) and PSNR (dB, RGB) of two RGB tiles."""
+    from daskpath.similarity import gray, ssim_block
+
+    s = float(ssim_block(gray(virtual), gray(real)).mean(dtype=np.float64))
+    mse = float(np.mean((virtual.astype(np.float64) - real.astype(np.float64)) ** 2))
+    psnr = float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+    return np.array([s, psnr])
+
+
+def _tile_similarity(client, virtual, real, tiles: pd.DataFrame, keep: np.ndarray) -> np.ndarray:
+    """Per kept tile: SSIM and PSNR of the virtual vs the real IHC (NaN for other tiles).
+
+    The two sections are consecutive cuts, not the same cells, so these measure how IHC-like the
+    virtual stain is (colour, texture, layout) rather than a pixel-exact match.
+    """
+    import dask
+
+    out = np.full((len(tiles), 2), np.nan)
+    idx = np.flatnonzero(keep)
+    tasks = []
+    for i in idx:
+        r = tiles.iloc[i]
+        sl = (slice(int(r.y0), int(r.y0 + r.height)), slice(int(r.x0), int(r.x0 + r.width)))
+        tasks.append(dask.delayed(_similarity_block, pure=True)(virtual[sl], real[sl]))
+    if tasks:
+        res = client.gather(client.compute(tasks))
+        out[idx] = np.array(res)
+    return out
 
 
 def _tile_nuclei_sums(df: pd.DataFrame, tiles: pd.DataFrame) -> pd.DataFrame:
@@ -701,6 +736,9 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dic
             st = read_table(sp)
             part[f"ratio_{suffix}"] = st[f"ratio_{suffix}"].to_numpy()
             part[f"ki67_index_{suffix}"] = st[f"ki67_index_{suffix}"].to_numpy()
+            for extra in ("ssim_virtual", "psnr_virtual"):
+                if extra in st.columns:
+                    part[extra] = st[extra].to_numpy()
             k = part["keep"].to_numpy()
             pa, aa = st[f"pos_area_{suffix}"].to_numpy()[k].sum(), st[f"all_area_{suffix}"].to_numpy()[k].sum()
             pn, an = st[f"pos_n_{suffix}"].to_numpy()[k].sum(), st[f"all_n_{suffix}"].to_numpy()[k].sum()
@@ -724,6 +762,19 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dic
                 "tiles": score_table(kept),
                 "slides": score_table(slides) if len(slides) else {},
                 "n_tiles_kept": int(len(kept)),
+                **(
+                    {
+                        "image_similarity_virtual_vs_real": {
+                            "ssim_mean": float(kept["ssim_virtual"].mean()),
+                            "psnr_mean_db": float(kept["psnr_virtual"].replace(np.inf, np.nan).mean()),
+                            "n": int(kept["ssim_virtual"].notna().sum()),
+                            "note": "consecutive sections: how IHC-like the virtual stain is, "
+                            "not a pixel-exact match",
+                        }
+                    }
+                    if "ssim_virtual" in kept.columns
+                    else {}
+                ),
                 "n_slides": int(len(slides)),
             },
             out / "metrics.json",

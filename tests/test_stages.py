@@ -46,6 +46,9 @@ def test_tables_have_ratio_columns_and_metrics(full_run):
     assert v["n"] == kept["ratio_virtual"].notna().sum()
     assert {"acc@0.05", "acc@0.1", "acc@0.2", "mse", "mae", "class_accuracy", "balanced_accuracy"} <= set(v)
     assert np.array(v["confusion"]["rows_truth_cols_pred"]).sum() == v["n"]
+    sim = metrics["image_similarity_virtual_vs_real"]
+    assert sim["n"] == len(kept) and 0.2 < sim["ssim_mean"] <= 1 and 10 < sim["psnr_mean_db"] < 60
+    assert kept["ssim_virtual"].notna().all() and res.tiles.loc[~res.tiles.keep, "ssim_virtual"].isna().all()
     slide = res.slides.slide[0]
     nuc = pd.read_parquet(res.output_dir / "nuclei" / f"{slide}.parquet")
     assert {"y", "x", "area", "dab_od", "positive", "source"} <= set(nuc.columns)
