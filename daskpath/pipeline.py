@@ -55,7 +55,7 @@ class SlidePlan:
     shape: tuple[int, int]
     chunks: tuple[tuple[int, ...], tuple[int, ...]]
     mpp: float | None
-    sums: Any  # Delayed -> ndarray (n_ty, n_tx, 3)
+    tile: int
     work_dir: Path | None = None
     layer_tmp: Path | None = None
     layer_dir: Path | None = None
@@ -65,6 +65,15 @@ class SlidePlan:
     @property
     def n_chunks(self) -> int:
         return len(self.chunks[0]) * len(self.chunks[1])
+
+    @property
+    def sums(self) -> Any:
+        """Delayed per-tile sums (n_ty, n_tx, 3): H&E tissue, IHC tissue, SSIM."""
+        import dask
+
+        return dask.delayed(_combine, pure=True)(
+            [t for _, t in self.tasks], *_tile_shape(self.shape, self.tile), 3
+        )
 
 
 @dataclass
@@ -86,6 +95,11 @@ class RunResult:
 
 THUMBNAIL_SIDE = 1024
 """Longest side (px) of the RGB thumbnails stored with the layers (for the report)."""
+
+
+def keep_mask(tissue_fraction, ssim, cfg: Config):
+    """The keep rule: enough tissue in both sections and SSIM at least ``ssim.threshold``."""
+    return (tissue_fraction >= cfg.tiles.min_tissue) & (ssim >= cfg.ssim.threshold)
 
 
 def _preprocess_key(cfg: Config) -> dict:
@@ -207,8 +221,6 @@ def plan_preprocess(
     :mod:`daskpath.resume`). ``plan.sums`` is a Delayed giving (n_ty, n_tx, 3): per-tile sums of
     the H&E tissue mask, the IHC tissue mask and the SSIM map.
     """
-    import dask
-
     from daskpath.io import open_pair, region_source
     from daskpath.resume import chunk_tasks, fingerprint
 
@@ -220,7 +232,6 @@ def plan_preprocess(
     mpp = he_a.attrs.get("mpp")
     shape = (int(he_a.shape[0]), int(he_a.shape[1]))
     size = cfg.tiles.size
-    n_ty, n_tx = -(-shape[0] // size), -(-shape[1] // size)
 
     work = layers = None
     step = 1 << max(0, int(np.ceil(np.log2(max(shape) / THUMBNAIL_SIDE))))
@@ -255,13 +266,12 @@ def plan_preprocess(
     n_done = 0
     if work is not None:
         n_done = sum(1 for _ in (work / "chunks").glob("*.npz"))
-    sums = dask.delayed(_combine, pure=True)([t for _, t in tasks], n_ty, n_tx, 3)
     return SlidePlan(
         slide=slide,
         shape=shape,
         chunks=chunks,
         mpp=float(mpp) if mpp else None,
-        sums=sums,
+        tile=size,
         work_dir=work,
         layer_tmp=layers,
         layer_dir=(out / "layers" / f"{slide}.zarr") if (out is not None and layers is not None) else None,
@@ -331,7 +341,7 @@ def tiles_from_sums(slide: str, shape: tuple[int, int], sums: np.ndarray, cfg: C
             "tissue_fraction_he": t_he,
             "tissue_fraction_ihc": t_ihc,
             "ssim": ssim,
-            "keep": (tissue >= cfg.tiles.min_tissue) & (ssim >= cfg.ssim.threshold),
+            "keep": keep_mask(tissue, ssim, cfg),
         }
     )
     return df[TILE_COLUMNS]
@@ -477,7 +487,7 @@ def _run(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: f
         plan: SlidePlan = item["plan"]
         try:
             parts = [f.result() for f in item["futures"]]
-            sums = _combine(parts, *_tile_shape(plan.shape, cfg.tiles.size), 3)
+            sums = _combine(parts, *_tile_shape(plan.shape, plan.tile), 3)
             tiles = tiles_from_sums(plan.slide, plan.shape, sums, cfg)
             if plan.layer_tmp is not None and plan.layer_dir is not None:
                 replace_dir(plan.layer_tmp, plan.layer_dir)
@@ -571,7 +581,7 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
         log.info("slide %s: stage %s already done", slide, stage)
         return
     tiles = read_table(_part_path(out, slide)).drop(columns=["mpp"], errors="ignore")
-    keep = (tiles["tissue_fraction"] >= cfg.tiles.min_tissue) & (tiles["ssim"] >= cfg.ssim.threshold)
+    keep = keep_mask(tiles["tissue_fraction"], tiles["ssim"], cfg)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     ds = open_pair(he, ihc, chunk_size=cfg.chunk_size, cache_dir=cache)
     ann = model_annotations(client)
@@ -727,7 +737,7 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dic
         mpp = float(part["mpp"].iloc[0]) if len(part) and part["mpp"].notna().any() else None
         part = part.drop(columns=["mpp"])
         # re-derive keep from the current thresholds (a rerun may change them)
-        part["keep"] = (part["tissue_fraction"] >= cfg.tiles.min_tissue) & (part["ssim"] >= cfg.ssim.threshold)
+        part["keep"] = keep_mask(part["tissue_fraction"], part["ssim"], cfg)
         row = summarize_slide(part, cfg, mpp)
         for stage, suffix in (("nuclei", "ihc"), ("translate", "virtual")):
             sp = _stage_path(out, slide, stage)

@@ -91,13 +91,9 @@ def chunk_tile_sums(
 
 def _partial_sums(*blocks: np.ndarray, size: int, n_ty: int, n_tx: int, block_info=None):
     (y0, y1), (x0, x1) = block_info[0]["array-location"]
-    ey, fy = _edges(y0, y1, size)
-    ex, fx = _edges(x0, x1, size)
+    s, (fy, fx) = chunk_tile_sums(blocks, (y0, y1, x0, x1), size)
     out = np.zeros((1, 1, n_ty, n_tx, len(blocks)), dtype=np.float64)
-    for k, b in enumerate(blocks):
-        rows = np.add.reduceat(b, ey, axis=0, dtype=np.float64)
-        s = np.add.reduceat(rows, ex, axis=1)
-        out[0, 0, fy : fy + len(ey), fx : fx + len(ex), k] = s
+    out[0, 0, fy : fy + s.shape[0], fx : fx + s.shape[1]] = s
     return out
 
 
