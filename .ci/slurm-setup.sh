@@ -40,7 +40,11 @@ if ! command -v slurmctld >/dev/null 2>&1 || ! command -v slurmd >/dev/null 2>&1
         || cannot "apt-get install slurm-wlm munge failed"
 fi
 
+# At least 2 CPUs: the test runs two one-core worker jobs at once. CR_CPU + config_overrides make
+# SLURM count logical CPUs as configured, whatever topology slurmd detects (a 1-core/2-thread VM
+# under CR_Core, or a cgroup-limited nproc of 1, would otherwise run only one job at a time).
 CPUS="${DASKPATH_SLURM_CPUS:-$(nproc)}"
+[ "$CPUS" -ge 2 ] 2>/dev/null || CPUS=2
 # a node that reports less memory than configured is drained: stay below what `free` shows
 MEM_MB=$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')
 CONF_DIR=/etc/slurm
@@ -62,7 +66,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
 ReturnToService=2
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
@@ -76,7 +81,7 @@ InactiveLimit=0
 KillWait=5
 MinJobAge=30
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM_MB} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 EOF
 
 # munge: a key, owned by the munge user, and the daemon

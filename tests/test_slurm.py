@@ -50,6 +50,25 @@ def _overrides(manifest: Path, out: Path) -> list[str]:
     ]
 
 
+def _wait_for_slurm_workers(client, n: int, timeout: float, logs: Path) -> None:
+    """Wait for ``n`` workers; on timeout fail with what SLURM says (job states, reasons, logs)."""
+    from distributed.exceptions import WorkerStartTimeoutError
+
+    try:
+        client.wait_for_workers(n, timeout=timeout)
+    except (TimeoutError, WorkerStartTimeoutError) as err:
+        squeue = subprocess.run(["squeue", "-h", "-o", "%i %T %r %C %m"],
+                                capture_output=True, text=True).stdout.strip()
+        node = subprocess.run(["scontrol", "show", "node", "localhost"],
+                              capture_output=True, text=True).stdout
+        cfg = " ".join(w for w in node.split() if w.split("=")[0] in
+                       ("CPUTot", "CPUAlloc", "RealMemory", "AllocMem", "State", "Reason"))
+        tails = []
+        for f in sorted(logs.glob("*.err"))[-2:]:
+            tails.append(f"{f.name}: " + " | ".join(f.read_text().strip().splitlines()[-3:]))
+        pytest.fail(f"{err}; squeue: {squeue!r}; node: {cfg}; logs: {tails}")
+
+
 def test_pipeline_on_slurm_equals_local(slurm, tmp_path):
     from daskpath.cluster import connect
     from daskpath.config import load_config
@@ -77,7 +96,7 @@ def test_pipeline_on_slurm_equals_local(slurm, tmp_path):
     ])
     t0 = time.perf_counter()
     with connect(slurm_cfg.cluster) as client:
-        client.wait_for_workers(2, timeout=120)
+        _wait_for_slurm_workers(client, 2, timeout=240, logs=logs)
         # the workers are SLURM jobs: each sees its own job id, and squeue lists them running
         job_ids = set(client.run(lambda: os.environ.get("SLURM_JOB_ID")).values())
         assert None not in job_ids and len(job_ids) == 2, job_ids
