@@ -50,6 +50,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -70,7 +71,9 @@ __all__ = [
     "slide_percentiles",
     "default_depth",
     "segment_nuclei",
+    "chunks_in_region",
     "measure_nuclei",
+    "tile_sums",
     "tile_ratios",
     "DEFAULT_DAB_THRESHOLD",
     "NUCLEI_COLUMNS",
@@ -490,6 +493,7 @@ def segment_nuclei(
     nms_thresh: float | None = None,
     max_nucleus_diameter: int | None = None,
     resources: dict[str, float] | None = None,
+    region: Sequence[tuple[int, int, int, int]] | None = None,
 ):
     """Lazy StarDist segmentation of a slide over dask chunks, each nucleus owned by one chunk.
 
@@ -516,6 +520,11 @@ def segment_nuclei(
         Overrides the model spec's value in the halo rule.
     resources : dict, optional
         Dask resource annotation for the model tasks, e.g. ``{"GPU": 1}`` on GPU clusters.
+    region : sequence of (y0, y1, x0, x1), optional
+        Rectangles (pixels, half-open) where nuclei are wanted, e.g. the kept tiles. Only chunks
+        whose core intersects one are segmented (with their full halo); the others run nothing
+        and give no nuclei and zero labels. A nucleus whose centroid lies in a rectangle is owned
+        by a segmented chunk, so it is found exactly as in a whole-slide run. ``None``: all.
 
     Notes
     -----
@@ -582,6 +591,7 @@ def segment_nuclei(
         dab_blocks = dab_o.to_delayed()
     ystarts = np.concatenate([[0], np.cumsum(cy)])
     xstarts = np.concatenate([[0], np.cumsum(cx)])
+    wanted = chunks_in_region(ystarts, xstarts, region)
     fn = dask.delayed(_segment_block, pure=True, nout=2)
     rows, parts = [], []
     ctx = dask.annotate(resources=resources) if resources else contextlib.nullcontext()
@@ -591,6 +601,9 @@ def segment_nuclei(
             for j in range(len(cx)):
                 y0, y1 = int(ystarts[i]), int(ystarts[i + 1])
                 x0, x1 = int(xstarts[j]), int(xstarts[j + 1])
+                if not wanted[i, j]:
+                    row.append(da.zeros((y1 - y0, x1 - x0), dtype=np.int32, chunks=-1))
+                    continue
                 origin = (max(0, y0 - depth), max(0, x0 - depth))
                 blk = img_blocks[(i, j, 0)] if image.ndim == 3 else img_blocks[i, j]
                 dblk = dab_blocks[i, j] if dab_blocks is not None else None
@@ -603,8 +616,36 @@ def segment_nuclei(
                 parts.append(tab)
             rows.append(row)
     labels = da.block(rows)
-    table = dask.delayed(_concat, pure=True)(parts)
+    if parts:
+        table = dask.delayed(_concat, pure=True)(parts)
+    else:
+        table = dask.delayed(_table, pure=True)(_EMPTY, dab is not None)
     return labels, table
+
+
+def chunks_in_region(
+    ystarts: np.ndarray, xstarts: np.ndarray, region: Sequence[tuple[int, int, int, int]] | None
+) -> np.ndarray:
+    """Boolean (n_chunk_rows, n_chunk_cols): which chunk cores intersect a region rectangle.
+
+    ``ystarts``/``xstarts`` are the chunk boundaries (0, ..., H); ``region`` rectangles are
+    ``(y0, y1, x0, x1)`` half-open pixel ranges; ``None`` selects every chunk.
+    """
+    ny, nx = len(ystarts) - 1, len(xstarts) - 1
+    if region is None:
+        return np.ones((ny, nx), bool)
+    r = np.asarray(list(region), dtype=np.int64).reshape(-1, 4)
+    out = np.zeros((ny, nx), bool)
+    for y0, y1, x0, x1 in r:
+        if y1 <= y0 or x1 <= x0:
+            continue
+        # chunk i covers [ystarts[i], ystarts[i+1]): it meets [y0, y1) when start < y1 and end > y0
+        i0 = np.searchsorted(ystarts, y0, side="right") - 1
+        i1 = np.searchsorted(ystarts, y1, side="left")
+        j0 = np.searchsorted(xstarts, x0, side="right") - 1
+        j1 = np.searchsorted(xstarts, x1, side="left")
+        out[max(i0, 0):min(i1, ny), max(j0, 0):min(j1, nx)] = True
+    return out
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -635,6 +676,7 @@ def measure_nuclei(
     nms_thresh: float | None = None,
     labels_store=None,
     resources: dict[str, float] | None = None,
+    region: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> pd.DataFrame:
     """Segment and classify the nuclei of one IHC slide; one row per nucleus.
 
@@ -660,6 +702,9 @@ def measure_nuclei(
     labels_store : zarr array / path / mapping, optional
         Where to write the label image (globally unique ids; ``method="nucleus"`` only); written in
         the same pass as the table.
+    region : sequence of (y0, y1, x0, x1), optional
+        Segment only the chunks meeting these rectangles (e.g. the kept tiles); see
+        :func:`segment_nuclei`. Normalisation and stain vectors still come from the whole slide.
 
     Returns
     -------
@@ -691,7 +736,8 @@ def measure_nuclei(
     h, dab = stain.hematoxylin_dab(ihc_rgb, sm)
     if depth is None:
         depth = default_depth(ref)
-    kw = dict(depth=depth, prob_thresh=prob_thresh, nms_thresh=nms_thresh, resources=resources)
+    kw = dict(depth=depth, prob_thresh=prob_thresh, nms_thresh=nms_thresh, resources=resources,
+              region=region)
     attrs: dict[str, Any] = {
         "method": method, "model": ref.name, "stain_matrix": sm.to_dict(), "depth": int(depth),
     }
@@ -734,6 +780,82 @@ def measure_nuclei(
     return df
 
 
+def tile_sums(nuclei_df: pd.DataFrame, tiles_df: pd.DataFrame) -> pd.DataFrame:
+    """Per tile: positive and total nucleus area and count (nuclei assigned by centroid).
+
+    Parameters
+    ----------
+    nuclei_df : DataFrame
+        ``y, x, area, positive`` per nucleus (plus ``slide`` when ``tiles_df`` has several
+        slides). For a ``method="two-channel"`` table (``channel`` in {"dab", "hematoxylin"})
+        "positive" means the DAB nuclei and "all" the hematoxylin nuclei, as the original study
+        defines its ratio.
+    tiles_df : DataFrame
+        ``slide, y0, x0, height, width`` per tile (non-overlapping rectangles).
+
+    Returns
+    -------
+    DataFrame
+        ``pos_area, all_area, pos_n, all_n`` (float), one row per tile, in ``tiles_df``'s order.
+    """
+    need = {"y0", "x0", "height", "width"}
+    if missing := need - set(tiles_df.columns):
+        raise ConfigError(f"tile table lacks column(s) {sorted(missing)}")
+    if missing := {"y", "x", "area", "positive"} - set(nuclei_df.columns):
+        raise ConfigError(f"nuclei table lacks column(s) {sorted(missing)}")
+    import pandas as pd
+
+    sums = np.zeros((len(tiles_df), 4))
+    two = (
+        "channel" in nuclei_df.columns
+        and len(nuclei_df) > 0
+        and set(nuclei_df["channel"].unique()) <= {"dab", "hematoxylin"}
+    )
+    slides = tiles_df["slide"].unique() if "slide" in tiles_df.columns else [None]
+    if len(slides) > 1 and "slide" not in nuclei_df.columns:
+        raise ConfigError(
+            "tile table has several slides but the nuclei table has no 'slide' column"
+        )
+    for slide in slides:
+        if slide is None:
+            tsel = np.arange(len(tiles_df))
+        else:
+            tsel = np.flatnonzero(tiles_df["slide"].to_numpy() == slide)
+        nd = nuclei_df if (slide is None or "slide" not in nuclei_df.columns) else \
+            nuclei_df[nuclei_df["slide"] == slide]
+        t = tiles_df.iloc[tsel]
+        y0, x0 = t["y0"].to_numpy(np.int64), t["x0"].to_numpy(np.int64)
+        y1, x1 = y0 + t["height"].to_numpy(np.int64), x0 + t["width"].to_numpy(np.int64)
+        ys, xs = np.unique(y0), np.unique(x0)
+        ny, nx = np.floor(nd["y"].to_numpy(np.float64)), np.floor(nd["x"].to_numpy(np.float64))
+        iy = np.searchsorted(ys, ny, side="right") - 1
+        ix = np.searchsorted(xs, nx, side="right") - 1
+        lookup = {(a, b): k for k, (a, b) in enumerate(zip(y0, x0))}
+        tile_of = np.full(len(nd), -1)
+        for k, (a, b) in enumerate(zip(iy, ix)):
+            if a < 0 or b < 0:
+                continue
+            ti = lookup.get((ys[a], xs[b]))
+            if ti is not None and ny[k] < y1[ti] and nx[k] < x1[ti]:
+                tile_of[k] = ti
+        ok = tile_of >= 0
+        tk = tile_of[ok]
+        area = nd["area"].to_numpy(np.float64)[ok]
+        if two:
+            pos = nd["channel"].to_numpy()[ok] == "dab"
+            counted = ~pos
+        else:
+            pos = nd["positive"].to_numpy(bool)[ok]
+            counted = np.ones(len(tk), bool)
+        n = len(t)
+        sums[tsel, 0] = np.bincount(tk, weights=area * pos, minlength=n)
+        sums[tsel, 1] = np.bincount(tk, weights=area * counted, minlength=n)
+        sums[tsel, 2] = np.bincount(tk, weights=pos.astype(float), minlength=n)
+        sums[tsel, 3] = np.bincount(tk, weights=counted.astype(float), minlength=n)
+    return pd.DataFrame(sums, columns=["pos_area", "all_area", "pos_n", "all_n"],
+                        index=tiles_df.index)
+
+
 def tile_ratios(
     nuclei_df: pd.DataFrame, tiles_df: pd.DataFrame, *, suffix: str = "ihc"
 ) -> pd.DataFrame:
@@ -757,64 +879,9 @@ def tile_ratios(
     DataFrame
         A copy of ``tiles_df`` with the two columns added (same row order).
     """
-    need = {"y0", "x0", "height", "width"}
-    if missing := need - set(tiles_df.columns):
-        raise ConfigError(f"tile table lacks column(s) {sorted(missing)}")
-    if missing := {"y", "x", "area", "positive"} - set(nuclei_df.columns):
-        raise ConfigError(f"nuclei table lacks column(s) {sorted(missing)}")
+    s = tile_sums(nuclei_df, tiles_df)
     out = tiles_df.copy()
-    ratio = np.full(len(out), np.nan)
-    index = np.full(len(out), np.nan)
-    two = (
-        "channel" in nuclei_df.columns
-        and len(nuclei_df) > 0
-        and set(nuclei_df["channel"].unique()) <= {"dab", "hematoxylin"}
-    )
-    slides = out["slide"].unique() if "slide" in out.columns else [None]
-    if len(slides) > 1 and "slide" not in nuclei_df.columns:
-        raise ConfigError(
-            "tile table has several slides but the nuclei table has no 'slide' column"
-        )
-    for slide in slides:
-        if slide is None:
-            tsel = np.arange(len(out))
-        else:
-            tsel = np.flatnonzero(out["slide"].to_numpy() == slide)
-        nd = nuclei_df if (slide is None or "slide" not in nuclei_df.columns) else \
-            nuclei_df[nuclei_df["slide"] == slide]
-        t = out.iloc[tsel]
-        y0, x0 = t["y0"].to_numpy(np.int64), t["x0"].to_numpy(np.int64)
-        y1, x1 = y0 + t["height"].to_numpy(np.int64), x0 + t["width"].to_numpy(np.int64)
-        ys, xs = np.unique(y0), np.unique(x0)
-        ny, nx = np.floor(nd["y"].to_numpy(np.float64)), np.floor(nd["x"].to_numpy(np.float64))
-        iy = np.searchsorted(ys, ny, side="right") - 1
-        ix = np.searchsorted(xs, nx, side="right") - 1
-        lookup = {(a, b): k for k, (a, b) in enumerate(zip(y0, x0))}
-        tile_of = np.full(len(nd), -1)
-        for k, (a, b) in enumerate(zip(iy, ix)):
-            if a < 0 or b < 0:
-                continue
-            ti = lookup.get((ys[a], xs[b]))
-            if ti is not None and ny[k] < y1[ti] and nx[k] < x1[ti]:
-                tile_of[k] = ti
-        ok = tile_of >= 0
-        tk = tile_of[ok]
-        area = nd["area"].to_numpy(np.float64)[ok]
-        pos = nd["positive"].to_numpy(bool)[ok]
-        if two:
-            isd = nd["channel"].to_numpy()[ok] == "dab"
-            num_a = np.bincount(tk, weights=area * isd, minlength=len(t))
-            den_a = np.bincount(tk, weights=area * ~isd, minlength=len(t))
-            num_c = np.bincount(tk, weights=isd.astype(float), minlength=len(t))
-            den_c = np.bincount(tk, weights=(~isd).astype(float), minlength=len(t))
-        else:
-            num_a = np.bincount(tk, weights=area * pos, minlength=len(t))
-            den_a = np.bincount(tk, weights=area, minlength=len(t))
-            num_c = np.bincount(tk, weights=pos.astype(float), minlength=len(t))
-            den_c = np.bincount(tk, minlength=len(t)).astype(float)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio[tsel] = np.where(den_a > 0, num_a / np.where(den_a > 0, den_a, 1), np.nan)
-            index[tsel] = np.where(den_c > 0, num_c / np.where(den_c > 0, den_c, 1), np.nan)
-    out[f"ratio_{suffix}"] = ratio
-    out[f"ki67_index_{suffix}"] = index
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[f"ratio_{suffix}"] = np.where(s["all_area"] > 0, s["pos_area"] / s["all_area"], np.nan)
+        out[f"ki67_index_{suffix}"] = np.where(s["all_n"] > 0, s["pos_n"] / s["all_n"], np.nan)
     return out

@@ -574,14 +574,20 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     """
     from daskpath.cluster import check_runnable, model_annotations
     from daskpath.io import open_pair
-    from daskpath.nuclei import measure_nuclei, tile_ratios
+    from daskpath.nuclei import measure_nuclei, tile_ratios, tile_sums
 
     part = _stage_path(out, slide, stage)
-    if part.exists() and not cfg.overwrite:
-        log.info("slide %s: stage %s already done", slide, stage)
-        return
     tiles = read_table(_part_path(out, slide)).drop(columns=["mpp"], errors="ignore")
     keep = keep_mask(tiles["tissue_fraction"], tiles["ssim"], cfg)
+    if part.exists() and not cfg.overwrite:
+        done = read_table(part)
+        if "measured" in done.columns and done["measured"].to_numpy(bool)[keep.to_numpy()].all():
+            log.info("slide %s: stage %s already done", slide, stage)
+            return
+        log.info("slide %s: stage %s: kept tiles changed since it ran, measuring again", slide, stage)
+    # nuclei are needed on kept tiles only: StarDist runs on the chunks that meet one
+    kept = tiles[keep.to_numpy()]
+    region = list(zip(kept["y0"], kept["y0"] + kept["height"], kept["x0"], kept["x0"] + kept["width"]))
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     ds = open_pair(he, ihc, chunk_size=cfg.chunk_size, cache_dir=cache)
     ann = model_annotations(client)
@@ -595,6 +601,7 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
         prob_thresh=cfg.nuclei.prob_thresh,
         nms_thresh=cfg.nuclei.nms_thresh,
         resources=resources,
+        region=region,
     )
     if stage == "nuclei":
         image, suffix, source = ds["ihc"].data, "ihc", "ihc"
@@ -645,8 +652,9 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     # per-tile ratios are reported on kept tiles only (the others are not comparable)
     ratios.loc[~keep.to_numpy(), cols] = np.nan
     # area and counts per tile, for slide-level area-weighted aggregation
-    agg = _tile_nuclei_sums(df, tiles)
+    agg = tile_sums(df, tiles)
     stage_tab = pd.concat([ratios[["slide", "y0", "x0"] + cols], agg.add_suffix(f"_{suffix}")], axis=1)
+    stage_tab["measured"] = keep.to_numpy()  # tiles whose nuclei are complete in this table
     if stage == "translate":
         stage_tab["ssim_virtual"] = similarity[:, 0]
         stage_tab["psnr_virtual"] = similarity[:, 1]
@@ -689,37 +697,6 @@ def _tile_similarity(client, virtual, real, tiles: pd.DataFrame, keep: np.ndarra
         res = client.gather(client.compute(tasks))
         out[idx] = np.array(res)
     return out
-
-
-def _tile_nuclei_sums(df: pd.DataFrame, tiles: pd.DataFrame) -> pd.DataFrame:
-    """Per tile: positive area, all area, positive count, count (nuclei assigned by centroid)."""
-    size_y = tiles["height"].max()
-    size_x = tiles["width"].max()
-    ty = np.floor(df["y"].to_numpy() / size_y).astype(np.int64)
-    tx = np.floor(df["x"].to_numpy() / size_x).astype(np.int64)
-    index = {(int(a // size_y), int(b // size_x)): i for i, (a, b) in enumerate(zip(tiles["y0"], tiles["x0"]))}
-    pos_area = np.zeros(len(tiles))
-    all_area = np.zeros(len(tiles))
-    pos_n = np.zeros(len(tiles))
-    all_n = np.zeros(len(tiles))
-    if "channel" in df.columns and set(df["channel"].unique()) <= {"dab", "hematoxylin"}:
-        pos = (df["channel"] == "dab").to_numpy()
-        counted = (df["channel"] == "hematoxylin").to_numpy()
-    else:
-        pos = df["positive"].to_numpy(bool)
-        counted = np.ones(len(df), bool)
-    area = df["area"].to_numpy(np.float64)
-    for k, key in enumerate(zip(ty, tx)):
-        i = index.get((int(key[0]), int(key[1])))
-        if i is None:
-            continue
-        if pos[k]:
-            pos_area[i] += area[k]
-            pos_n[i] += 1
-        if counted[k]:
-            all_area[i] += area[k]
-            all_n[i] += 1
-    return pd.DataFrame({"pos_area": pos_area, "all_area": all_area, "pos_n": pos_n, "all_n": all_n})
 
 
 def _tile_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:

@@ -83,3 +83,23 @@ def test_rerun_skips_finished_stages(full_run, synth_cohort, dask_client):
     assert res.ok
     assert {p: p.stat().st_mtime_ns for p in parts} == before
     pd.testing.assert_frame_equal(res.tiles, full_run.tiles)
+
+
+def test_rerun_with_more_kept_tiles_measures_them(full_run, synth_cohort, dask_client, tmp_path):
+    """Nuclei are segmented only where tiles are kept; a rerun that keeps more tiles (looser
+    thresholds) measures the stage again instead of reusing the narrower result."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(full_run.output_dir, out)
+    before = full_run.tiles
+    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={out}", "tiles.size=512",
+                             "tiles.min_tissue=0.05", "ssim.threshold=0", "stages=[preprocess,nuclei]"])
+    res = run(cfg, client=dask_client)
+    assert res.ok, res.failures
+    newly = res.tiles.keep & ~before.keep
+    assert newly.sum() >= 2
+    assert res.tiles.loc[newly, "ratio_ihc"].notna().sum() >= 1
+    # tiles kept both times: the same nuclei, the same ratios
+    both = res.tiles.keep & before.keep
+    np.testing.assert_allclose(res.tiles.loc[both, "ratio_ihc"], before.loc[both, "ratio_ihc"])
