@@ -75,6 +75,7 @@ __all__ = [
     "measure_nuclei",
     "tile_sums",
     "tile_ratios",
+    "write_geojson",
     "DEFAULT_DAB_THRESHOLD",
     "NUCLEI_COLUMNS",
 ]
@@ -91,7 +92,7 @@ DEFAULT_DAB_THRESHOLD = 0.15
 DEFAULT_MAX_NUCLEUS_DIAMETER = 32
 DEFAULT_PERCENTILES = (1.0, 99.8)
 #: Columns of a nuclei table (``nuclei/<slide>.parquet``).
-NUCLEI_COLUMNS = ("id", "y", "x", "area", "prob", "dab_od", "positive", "channel")
+NUCLEI_COLUMNS = ("id", "y", "x", "area", "prob", "dab_od", "positive", "channel", "polygon")
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,6 +394,7 @@ def _polygon_centroids(coord: np.ndarray) -> np.ndarray:
 _EMPTY = {
     "id": np.zeros(0, np.int32), "y": np.zeros(0, np.float32), "x": np.zeros(0, np.float32),
     "area": np.zeros(0, np.int32), "prob": np.zeros(0, np.float32),
+    "polygon": np.zeros(0, object),
 }
 
 
@@ -456,6 +458,13 @@ def _segment_block(
         "area": area[own].astype(np.int32),
         "prob": np.asarray(det["prob"], np.float32)[own],
     }
+    # star-convex outline in slide pixels, (y, x) per ray, flattened: (y0, x0, y1, x1, ...)
+    coord = np.asarray(det["coord"], np.float32)[own] + np.array([oy, ox], np.float32)[None, :, None]
+    outline = np.round(coord.transpose(0, 2, 1).reshape(len(coord), 2 * coord.shape[2]), 2)
+    poly = np.empty(len(outline), object)
+    for k in range(len(outline)):
+        poly[k] = outline[k]
+    cols["polygon"] = poly
     if dab is not None:
         s = np.bincount(flat, weights=np.asarray(dab, np.float64).ravel(), minlength=n + 1)[1:]
         cols["dab_od"] = (s[own] / np.maximum(area[own], 1)).astype(np.float32)
@@ -540,7 +549,8 @@ def segment_nuclei(
         Label image with globally unique ids, chunked like (the aligned) ``image``.
     table : dask.delayed.Delayed -> pandas.DataFrame
         One row per nucleus: ``id, y, x`` (global polygon centroid), ``area`` (pixels),
-        ``prob`` [, ``dab_od``], sorted by (y, x). Compute both together
+        ``prob`` [, ``dab_od``], ``polygon`` (StarDist's star-convex outline in slide pixels,
+        ``(y, x)`` per ray flattened to ``2 * n_rays`` float32), sorted by (y, x). Compute both together
         (``dask.compute(labels, table)``) to run StarDist once.
     """
     import dask
@@ -709,7 +719,7 @@ def measure_nuclei(
     Returns
     -------
     pandas.DataFrame
-        Columns ``id, y, x, area, prob, dab_od, positive, channel``. ``df.attrs`` records the
+        Columns ``id, y, x, area, prob, dab_od, positive, channel, polygon``. ``df.attrs`` records the
         method, stain matrix, DAB threshold, normalisation and halo used.
     """
     import dask
@@ -885,3 +895,73 @@ def tile_ratios(
         out[f"ratio_{suffix}"] = np.where(s["all_area"] > 0, s["pos_area"] / s["all_area"], np.nan)
         out[f"ki67_index_{suffix}"] = np.where(s["all_n"] > 0, s["pos_n"] / s["all_n"], np.nan)
     return out
+
+
+def write_geojson(df: pd.DataFrame, path: str | os.PathLike[str], *, mpp: float | None = None) -> Path:
+    """Write nuclei as a GeoJSON FeatureCollection that QuPath imports as detections.
+
+    One ``Feature`` per nucleus: its StarDist outline as a ``Polygon`` in slide pixel
+    coordinates (``[x, y]``, closed ring; a ``Point`` at the centroid for rows without
+    ``polygon``), ``properties.objectType = "detection"``, ``classification`` ``Positive``
+    (brown) / ``Negative`` (blue) and ``measurements`` (area in px and, with ``mpp``, in um^2;
+    mean DAB OD; StarDist probability; channel). Written to a temp name and renamed, one line
+    per feature, without building the whole document in memory.
+
+    Parameters
+    ----------
+    df : DataFrame
+        A nuclei table from :func:`measure_nuclei` (``y, x, area, positive`` at least).
+    path : path
+        Output file (``.geojson``).
+    mpp : float, optional
+        Microns per pixel, for ``area_um2``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    from daskpath.outputs import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    classes = {True: {"name": "Positive", "color": [140, 80, 20]},
+               False: {"name": "Negative", "color": [70, 70, 200]}}
+    polys = df["polygon"].to_numpy() if "polygon" in df.columns else None
+    cols = {c: df[c].to_numpy() for c in ("id", "y", "x", "area", "dab_od", "prob", "channel", "positive")
+            if c in df.columns}
+    try:
+        with open(tmp, "w") as f:
+            f.write('{"type": "FeatureCollection", "features": [\n')
+            for k in range(len(df)):
+                p = polys[k] if polys is not None else None
+                if p is not None and len(p) >= 6:
+                    ring = np.asarray(p, np.float64).reshape(-1, 2)[:, ::-1]  # (y, x) -> (x, y)
+                    ring = np.vstack([ring, ring[:1]])
+                    geom = {"type": "Polygon", "coordinates": [np.round(ring, 2).tolist()]}
+                else:
+                    geom = {"type": "Point",
+                            "coordinates": [round(float(cols["x"][k]), 2), round(float(cols["y"][k]), 2)]}
+                meas = {"area_px": float(cols["area"][k])}
+                if mpp:
+                    meas["area_um2"] = float(cols["area"][k]) * mpp * mpp
+                if "dab_od" in cols:
+                    meas["dab_od"] = round(float(cols["dab_od"][k]), 5)
+                if "prob" in cols:
+                    meas["prob"] = round(float(cols["prob"][k]), 4)
+                props = {"objectType": "detection",
+                         "classification": classes[bool(cols["positive"][k])],
+                         "measurements": meas}
+                if "channel" in cols:
+                    props["channel"] = str(cols["channel"][k])
+                feat = {"type": "Feature", "geometry": geom, "properties": props}
+                if "id" in cols:
+                    feat["id"] = str(int(cols["id"][k]))
+                f.write(("," if k else "") + json.dumps(feat, separators=(",", ":")) + "\n")
+            f.write("]}\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

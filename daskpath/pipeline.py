@@ -574,7 +574,7 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     """
     from daskpath.cluster import check_runnable, model_annotations
     from daskpath.io import open_pair
-    from daskpath.nuclei import measure_nuclei, tile_ratios, tile_sums
+    from daskpath.nuclei import measure_nuclei, tile_ratios, tile_sums, write_geojson
 
     part = _stage_path(out, slide, stage)
     tiles = read_table(_part_path(out, slide)).drop(columns=["mpp"], errors="ignore")
@@ -665,6 +665,7 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     write_json(dict(df.attrs) | {"slide": slide, "source": source, "nuclei": int(len(df))},
                out / "nuclei" / f"{name}.json")
     write_table(df, out / "nuclei" / f"{name}.parquet")
+    write_geojson(df, out / "nuclei" / f"{name}.geojson", mpp=ds.attrs.get("mpp"))
     write_table(stage_tab, part)
 
 

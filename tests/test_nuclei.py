@@ -175,6 +175,31 @@ class TestAccuracy:
             outside[y0:y1, x0:x1] = False
         assert not lab[outside].any() and lab[~outside].any()
 
+    def test_polygons_and_geojson(self, measured, tmp_path):
+        """Outlines are in slide pixels (their centroid and area agree with the table's), and the
+        GeoJSON has one QuPath detection per nucleus with the outline as a closed ring."""
+        df, _ = measured
+        poly = np.stack(df["polygon"].to_numpy()).reshape(len(df), -1, 2)  # (n, rays, (y, x))
+        y, x = poly[..., 0].astype(np.float64), poly[..., 1].astype(np.float64)
+        shoelace = 0.5 * np.abs((x * np.roll(y, -1, 1) - np.roll(x, -1, 1) * y).sum(1))
+        assert np.median(shoelace / df["area"]) == pytest.approx(1.0, abs=0.15)
+        assert np.abs(y.mean(1) - df["y"]).max() < 3 and np.abs(x.mean(1) - df["x"]).max() < 3
+        path = nuclei.write_geojson(df, tmp_path / "n.geojson", mpp=0.5)
+        gj = json.loads(path.read_text())
+        feats = gj["features"]
+        assert gj["type"] == "FeatureCollection" and len(feats) == len(df)
+        f0, r0 = feats[0], df.iloc[0]
+        ring = np.array(f0["geometry"]["coordinates"][0])
+        assert f0["geometry"]["type"] == "Polygon" and (ring[0] == ring[-1]).all()
+        assert ring[:, 0].mean() == pytest.approx(r0["x"], abs=3)  # GeoJSON is (x, y)
+        props = f0["properties"]
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] == ("Positive" if r0["positive"] else "Negative")
+        assert props["measurements"]["area_um2"] == pytest.approx(r0["area"] * 0.25)
+        n_pos = sum(f["properties"]["classification"]["name"] == "Positive" for f in feats)
+        assert n_pos == int(df["positive"].sum())
+        assert not list(tmp_path.glob(".*partial*"))
+
     def test_auto_threshold_macenko_and_label_store(self, phantom, measured, tmp_path):
         import zarr
 

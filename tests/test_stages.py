@@ -59,6 +59,8 @@ def test_tables_have_ratio_columns_and_metrics(full_run):
     ids = np.unique(labels[labels > 0])
     assert set(nuc["id"]) <= set(ids.tolist())  # globally unique ids shared by table and labels
     assert len(ids) == pytest.approx(len(nuc), rel=0.02)
+    gj = json.loads((res.output_dir / "nuclei" / f"{slide}.geojson").read_text())
+    assert len(gj["features"]) == len(nuc)
     used = json.loads((res.output_dir / "nuclei" / f"{slide}.json").read_text())
     assert used["method"] == "nucleus" and used["dab_threshold"] == 0.15
     assert "stain_matrix" in used and used["nuclei"] == len(nuc)
