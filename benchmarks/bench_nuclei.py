@@ -134,13 +134,14 @@ def run_big(path: Path, norm, min_overlap: int, block: int = 1024) -> dict:
     return res
 
 
-def run_daskpath(path: Path, norm, n_workers: int, chunk: int, cores: int, region=None) -> dict:
+def run_daskpath(path: Path, norm, n_workers: int, chunk: int, cores: int, region=None,
+                 threads: int | None = None) -> dict:
     import dask.array as da
     from distributed import Client, LocalCluster
 
     from daskpath import nuclei
 
-    threads = max(1, cores // n_workers)
+    threads = threads or max(1, cores // n_workers)
     env = {"DASKPATH_TF_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     x = da.from_zarr(str(path)).rechunk(chunk)
     ref = nuclei.resolve_model("phantom")
@@ -225,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"contender": f"daskpath whole slide (chunk {a.chunk}, depth {r['depth']})",
                          "workers": n, **r})
             print(rows[-1], flush=True)
+        # scaling with the work per worker fixed: 1 thread per worker, 1 then 2 workers
+        r = run_daskpath(path, (lo, hi), 1, a.chunk, cores, threads=1)
+        rows.append({"contender": f"daskpath whole slide (chunk {a.chunk}), 1 thread per worker",
+                     "workers": 1, **r})
+        print(rows[-1], flush=True)
         for chunk in a.region_chunks:
             for n in a.workers:
                 r = run_daskpath(path, (lo, hi), n, chunk, cores, region=kept)
@@ -238,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         r["mp_per_s"] = mp_px / r["seconds"]
         r["speedup_vs_big"] = base / r["seconds"]
         r["cpu_speedup_vs_big"] = rows[0]["cpu_seconds"] / r["cpu_seconds"]
-    one = next((r for r in rows[1:] if r["workers"] == 1), None)
-    for r in rows[1:]:
-        if one is not None:
-            r["scaling_vs_1_worker"] = one["seconds"] / r["seconds"]
+    one = next((r for r in rows if r["contender"].endswith("1 thread per worker")), None)
+    two = next((r for r in rows if r["contender"].startswith("daskpath whole") and r["workers"] == 2
+                and r["threads_per_worker"] == 1), None)
+    if one is not None and two is not None:
+        # 2 workers x 1 thread vs 1 worker x 1 thread: same threads per worker, twice the workers
+        two["scaling_1_to_2_workers"] = one["seconds"] / two["seconds"]
 
     hdr = (f"{'contender':<58} {'wrk':>3} {'wall s':>7} {'CPU s':>7} {'nuclei':>7} "
            f"{'nuc/s':>6} {'MP/s':>5} {'x big':>5} {'CPU x':>5} {'halo':>6} {'peak MB':>8}")
