@@ -744,29 +744,29 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dic
         from daskpath.outputs import write_json
 
         kept = tiles[tiles["keep"]] if len(tiles) else tiles
-        write_json(
-            {
-                "truth": "ratio_ihc (area ratio on the real IHC, nuclei stage)",
-                "tiles": score_table(kept),
-                "slides": score_table(slides) if len(slides) else {},
-                "n_tiles_kept": int(len(kept)),
-                **(
-                    {
-                        "image_similarity_virtual_vs_real": {
-                            "ssim_mean": float(kept["ssim_virtual"].mean()),
-                            "psnr_mean_db": float(kept["psnr_virtual"].replace(np.inf, np.nan).mean()),
-                            "n": int(kept["ssim_virtual"].notna().sum()),
-                            "note": "consecutive sections: how IHC-like the virtual stain is, "
-                            "not a pixel-exact match",
-                        }
+        metrics = {
+            "truth": "ratio_ihc (area ratio on the real IHC, nuclei stage)",
+            "tiles": score_table(kept),
+            "slides": score_table(slides) if len(slides) else {},
+            "n_tiles_kept": int(len(kept)),
+            **(
+                {
+                    "image_similarity_virtual_vs_real": {
+                        "ssim_mean": float(kept["ssim_virtual"].mean()),
+                        "psnr_mean_db": float(kept["psnr_virtual"].replace(np.inf, np.nan).mean()),
+                        "n": int(kept["ssim_virtual"].notna().sum()),
+                        "note": "consecutive sections: how IHC-like the virtual stain is, "
+                        "not a pixel-exact match",
                     }
-                    if "ssim_virtual" in kept.columns
-                    else {}
-                ),
-                "n_slides": int(len(slides)),
-            },
-            out / "metrics.json",
-        )
+                }
+                if "ssim_virtual" in kept.columns
+                else {}
+            ),
+            "n_slides": int(len(slides)),
+        }
+        write_json(metrics, out / "metrics.json")
+    else:
+        metrics = None
     fail_df = pd.DataFrame(failures, columns=["slide", "stage", "error"])
     fpath = out / "failures.csv"
     if failures:
@@ -776,7 +776,7 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dic
     try:
         from daskpath.report import write_report
 
-        write_report(out, tiles, slides, fail_df, cfg)
+        write_report(out, tiles, slides, fail_df, cfg, metrics)
     except ImportError as e:  # matplotlib is optional (extra "report")
         log.warning("report.html not written: %s (pip install 'daskpath[report]')", e)
     return RunResult(out, tiles, slides, fail_df, time.perf_counter() - t0)

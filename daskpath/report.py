@@ -1,8 +1,11 @@
 """``report.html``: a self-contained page a person can look at.
 
-Per slide: the H&E and IHC thumbnails with the tile grid drawn over them (green = kept, orange
-= tissue but SSIM below the threshold, no box = background), a per-tile SSIM map, and the
-slide's row of ``slides.csv``; then the cohort tables and any failures. Images are embedded as
+First the cohort: the slide table, any failures and, when a ground truth was measured, one
+block per predictor (``ratio_<method>`` vs ``ratio_ihc`` over kept tiles): its scores, a
+scatter plot with the +-0.1 band and the class bins, and the 3-class confusion matrix. Then per
+slide: the H&E and IHC thumbnails with the tile grid drawn over them (green = kept, orange =
+tissue but SSIM below the threshold, no box = background), a per-tile SSIM map, and maps of
+the per-tile ratios (ground truth and each predictor). Images are embedded as
 base64 PNG so the file can be mailed or opened from a cluster's shared disk.
 """
 
@@ -77,14 +80,111 @@ def _slide_figure(slide: str, tiles: pd.DataFrame, layer_dir: Path, cfg: Config)
     return out
 
 
+def _ratio_maps(slide: str, tiles: pd.DataFrame, cfg: Config) -> str | None:
+    """One tile map per ratio column (kept tiles; blank elsewhere), on a shared 0-1 scale."""
+    cols = [c for c in tiles.columns if c.startswith("ratio_") and tiles[c].notna().any()]
+    if not cols:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    size = cfg.tiles.size
+    ny = int(np.ceil((tiles["y0"] + tiles["height"]).max() / size))
+    nx = int(np.ceil((tiles["x0"] + tiles["width"]).max() / size))
+    fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 4.6), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        grid = np.full((ny, nx), np.nan)
+        iy = (tiles["y0"].to_numpy() // size).astype(int)
+        ix = (tiles["x0"].to_numpy() // size).astype(int)
+        grid[iy, ix] = tiles[col].to_numpy(np.float64)
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma")
+        ax.set_title(f"{slide}: {col} (kept tiles)")
+        ax.set_xlabel("tile x")
+        ax.set_ylabel("tile y")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def _predictor_figure(name: str, pred: np.ndarray, truth: np.ndarray, conf: list[list[int]]) -> str:
+    """Scatter of predicted vs ground-truth tile ratios and the 3-class confusion matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from daskpath.metrics import BINS, CLASSES
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 4.6))
+    ok = np.isfinite(pred) & np.isfinite(truth)
+    xs = np.linspace(0, 1, 2)
+    a.fill_between(xs, xs - 0.1, xs + 0.1, color="#ddd", label="|diff| <= 0.1")
+    a.plot(xs, xs, color="#888", lw=1)
+    for edge in BINS:
+        a.axvline(edge, color="#bbb", lw=0.8, ls="--")
+        a.axhline(edge, color="#bbb", lw=0.8, ls="--")
+    a.scatter(truth[ok], pred[ok], s=10, alpha=0.7)
+    a.set_xlim(0, 1)
+    a.set_ylim(0, 1)
+    a.set_xlabel("ratio_ihc (ground truth, real IHC)")
+    a.set_ylabel(f"ratio_{name}")
+    a.set_title(f"{name}: {int(ok.sum())} kept tiles")
+    a.legend(loc="upper left", fontsize=8)
+    m = np.asarray(conf)
+    b.imshow(m, cmap="Blues")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            b.text(j, i, str(m[i, j]), ha="center", va="center",
+                   color="white" if m[i, j] > m.max() / 2 else "black")
+    b.set_xticks(range(3), CLASSES)
+    b.set_yticks(range(3), CLASSES)
+    b.set_xlabel("predicted class")
+    b.set_ylabel("true class")
+    b.set_title("3-class confusion (tiles)")
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def _predictors(tiles: pd.DataFrame, metrics: dict | None) -> list[str]:
+    if not metrics or not metrics.get("tiles"):
+        return []
+    parts = ["<h2>Predictors vs the ground truth</h2>",
+             f"<p>Truth: {html.escape(str(metrics.get('truth', 'ratio_ihc')))}; scored on kept "
+             "tiles with nuclei in both.</p>"]
+    keys = ("n", "acc@0.05", "acc@0.1", "acc@0.2", "mse", "mae", "class_accuracy", "balanced_accuracy")
+    rows = []
+    for level in ("tiles", "slides"):
+        for name, sc in (metrics.get(level) or {}).items():
+            rows.append({"level": level, "predictor": name} | {k: sc.get(k, np.nan) for k in keys})
+    if rows:
+        parts.append(pd.DataFrame(rows).to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—"))
+    kept = tiles[tiles["keep"]] if "keep" in tiles else tiles
+    for name, sc in metrics["tiles"].items():
+        conf = (sc.get("confusion") or {}).get("rows_truth_cols_pred")
+        if conf is None or f"ratio_{name}" not in kept:
+            continue
+        img = _predictor_figure(name, kept[f"ratio_{name}"].to_numpy(np.float64),
+                                kept["ratio_ihc"].to_numpy(np.float64), conf)
+        parts.append(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{img}'>")
+    return parts
+
+
 def write_report(
     output_dir: str | Path,
     tiles: pd.DataFrame,
     slides: pd.DataFrame,
     failures: pd.DataFrame,
     cfg: Config,
+    metrics: dict | None = None,
 ) -> Path:
-    """Write ``output_dir/report.html`` (atomically) and return its path."""
+    """Write ``output_dir/report.html`` (atomically) and return its path.
+
+    ``metrics`` is the content of ``metrics.json`` (predictor scores), when there is one.
+    """
     out = Path(output_dir)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>daskpath report</title>",
@@ -103,6 +203,7 @@ def write_report(
     if len(failures):
         parts.append("<h2 class='fail'>Failures</h2>")
         parts.append(failures.to_html(index=False, classes="fail"))
+    parts += _predictors(tiles, metrics)
     for slide in slides.get("slide", []):
         t = tiles[tiles["slide"] == slide]
         img = _slide_figure(slide, t, out / "layers" / f"{slide}.zarr", cfg)
@@ -111,6 +212,9 @@ def write_report(
             parts.append(f"<img alt='{html.escape(str(slide))}' src='data:image/png;base64,{img}'>")
         else:
             parts.append("<p>(no layers written: layers.downsample is 0)</p>")
+        maps = _ratio_maps(slide, t, cfg) if len(t) else None
+        if maps:
+            parts.append(f"<img alt='{html.escape(str(slide))} ratios' src='data:image/png;base64,{maps}'>")
     parts.append("</body></html>")
     path = out / "report.html"
     tmp = atomic_path(path)

@@ -66,6 +66,15 @@ def test_tables_have_ratio_columns_and_metrics(full_run):
     assert "stain_matrix" in used and used["nuclei"] == len(nuc)
 
 
+def test_report_shows_predictors_and_ratio_maps(full_run):
+    html = (full_run.output_dir / "report.html").read_text()
+    assert "Predictors vs the ground truth" in html
+    assert "alt='virtual'" in html  # scatter + confusion figure of the virtual-IHC predictor
+    for slide in full_run.slides.slide:
+        assert f"alt='{slide} ratios'" in html
+    assert html.count("data:image/png;base64,") >= 1 + 2 * len(full_run.slides)
+
+
 def test_ground_truth_ratio_matches_phantom_truth(full_run, synth_cohort):
     """ratio_ihc measured by StarDist + DAB on the real IHC vs the phantom's known truth."""
     tiles = full_run.tiles
