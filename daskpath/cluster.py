@@ -71,7 +71,9 @@ def local_cluster_kwargs(cfg: ClusterConfig, n_cores: int | None = None) -> dict
 
     Default sizing: one worker process per 2 cores (at least 1) with the remaining cores as
     threads, so numpy/scipy kernels that release the GIL keep every core busy while a process
-    boundary isolates memory.
+    boundary isolates memory. TensorFlow's per-process thread pool is capped to the worker's
+    threads (``DASKPATH_TF_THREADS``, unless set already), so several worker processes on one
+    machine do not each spawn a pool as large as the machine.
     """
     cores = n_cores or os.cpu_count() or 1
     n_workers = cfg.n_workers or max(1, cores // 2)
@@ -86,6 +88,8 @@ def local_cluster_kwargs(cfg: ClusterConfig, n_cores: int | None = None) -> dict
     }
     if cfg.local_directory:
         kw["local_directory"] = cfg.local_directory
+    if n_workers > 1 and "DASKPATH_TF_THREADS" not in os.environ:
+        kw["env"] = {"DASKPATH_TF_THREADS": str(threads)}
     return kw
 
 

@@ -595,3 +595,15 @@ def test_free_port_helper_sanity():
     # the dashboard tests above bind ":0"; make sure loopback is usable at all
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
+
+
+def test_local_workers_cap_tensorflow_threads(monkeypatch):
+    """Several worker processes: each TensorFlow pool gets the worker's threads, not all cores."""
+    from daskpath.cluster import local_cluster_kwargs
+    from daskpath.config import load_config
+
+    monkeypatch.delenv("DASKPATH_TF_THREADS", raising=False)
+    kw = local_cluster_kwargs(load_config(None, ["cluster.n_workers=4"]).cluster, n_cores=8)
+    assert kw["threads_per_worker"] == 2 and kw["env"] == {"DASKPATH_TF_THREADS": "2"}
+    one = local_cluster_kwargs(load_config(None, ["cluster.n_workers=1"]).cluster, n_cores=8)
+    assert "env" not in one  # one process: TensorFlow's own pool is already the machine
