@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model: stardist (nucleus segmentation) or translator (H&E -> IHC GAN)",
         description="Reproduce a shipped model or train your own. Arguments after WHAT go to the "
-        "trainer: `daskpath train stardist -- --help`, `daskpath train translator -- --help`.",
+        "trainer: `daskpath train stardist -- --help`, `daskpath train translator -- --help`. "
+        "`daskpath train translator OUT_DIR --config RUN.yaml` trains on the kept tiles of a finished "
+        "run (random crops, flips), holding out whole slides (--test-fraction) for evaluation.json.",
     )
     s.add_argument("what", choices=("stardist", "translator"))
     s.add_argument("rest", nargs=argparse.REMAINDER, help="trainer arguments (see -- --help)")

@@ -11,10 +11,16 @@ Public API (torch is imported on first use of a name that needs it, never by ``i
   :class:`GeneratorSpec` (the ``daskpath.json`` beside the weights).
 * :mod:`~daskpath.translate.inference` -- :func:`translate` (dask), :func:`translate_array`
   (numpy), slide-level norm statistics, :func:`seam_energy`.
+* :mod:`~daskpath.translate.fast` -- :class:`FastResnet`, the exact CPU fast path of
+  :func:`translate` (NNPACK 7x7 convolutions, channels_last blocks).
 * :mod:`~daskpath.translate.train` -- pix2pix, pyramid pix2pix, CycleGAN
-  (``python -m daskpath.translate.train OUT_DIR ...``).
+  (``daskpath train translator OUT_DIR ...``).
+* :mod:`~daskpath.translate.tilepairs` -- :func:`export_tile_pairs` (a run's kept tiles as
+  training pairs, in the reference's folder layouts) and :func:`split_slides` (slide-level
+  train/test split).
 * :mod:`~daskpath.translate.score` -- DAB ratios per tile, truth ratios, ratio metrics, SSIM/PSNR.
-* :mod:`~daskpath.translate.evaluate` -- figures of a model on held-out phantom slides.
+* :mod:`~daskpath.translate.evaluate` -- figures of a model on held-out phantom slides or on the
+  test split of a tile export.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ __all__ = [
     "seam_energy",
     "TrainConfig",
     "SHIPPED_MODELS",
+    "export_tile_pairs",
+    "split_slides",
 ]
 
 _WHERE = {
@@ -48,6 +56,8 @@ _WHERE = {
     "slide_norm_stats": "inference",
     "seam_energy": "inference",
     "TrainConfig": "train",
+    "export_tile_pairs": "tilepairs",
+    "split_slides": "tilepairs",
 }
 
 

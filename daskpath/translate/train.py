@@ -30,7 +30,11 @@ dict is the reference's either way. ``init_from`` starts the generator from a ch
 Data: :func:`phantom_pairs` renders aligned H&E / IHC regions of phantom slides (the IHC window
 is taken at the known section offset, so pairs are pixel-aligned for pix2pix);
 :func:`folder_pairs` reads the reference's ``trainA/``, ``trainB/`` folders (pairs by sorted file
-name). Crops are random, with flips and 90-degree rotations applied to both images alike.
+name) or pix2pix's aligned ``train/`` (A|B side by side); ``--config RUN.yaml`` (or
+``--from-run OUTPUT_DIR --slides MANIFEST``) exports the kept tiles of a finished run with a
+slide-level train/test split (:mod:`daskpath.translate.tilepairs`), trains on the train slides
+only and writes ``evaluation.json`` for the held-out slides
+(:func:`daskpath.translate.evaluate.evaluate_pairs`). Crops are random, with flips and 90-degree rotations applied to both images alike.
 Everything random is drawn from ``seed`` (torch, numpy), so a run is reproducible on one machine.
 """
 
@@ -176,21 +180,40 @@ def phantom_pairs(
 
 
 def folder_pairs(root: str | os.PathLike[str], split: str = "train") -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(A, B)`` images from the reference's ``<root>/<split>A`` and ``<root>/<split>B`` folders."""
+    """``(A, B)`` images of a split in the reference's folder layouts.
+
+    ``<root>/<split>A`` + ``<root>/<split>B`` (unaligned layout: pairs by sorted file name), or
+    ``<root>/<split>/`` (aligned layout: each image is A and B side by side, A on the left), as
+    :func:`daskpath.translate.tilepairs.export_tile_pairs` writes them.
+    """
     from PIL import Image
 
     root = Path(root)
-    da_, db_ = root / f"{split}A", root / f"{split}B"
-    if not da_.is_dir() or not db_.is_dir():
-        raise DaskpathError(f"{root}: needs {split}A/ and {split}B/ folders of images; export tile pairs there")
+    da_, db_, ab = root / f"{split}A", root / f"{split}B", root / split
     exts = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-    fa = sorted(p for p in da_.iterdir() if p.suffix.lower() in exts)
-    fb = sorted(p for p in db_.iterdir() if p.suffix.lower() in exts)
-    if not fa or len(fa) != len(fb):
-        raise DaskpathError(f"{root}: {len(fa)} images in {split}A but {len(fb)} in {split}B; "
-                            "they must pair one to one by sorted name")
-    return [(np.asarray(Image.open(a).convert("RGB")), np.asarray(Image.open(b).convert("RGB")))
-            for a, b in zip(fa, fb)]
+    if da_.is_dir() and db_.is_dir():
+        fa = sorted(p for p in da_.iterdir() if p.suffix.lower() in exts)
+        fb = sorted(p for p in db_.iterdir() if p.suffix.lower() in exts)
+        if not fa or len(fa) != len(fb):
+            raise DaskpathError(f"{root}: {len(fa)} images in {split}A but {len(fb)} in {split}B; "
+                                "they must pair one to one by sorted name")
+        return [(np.asarray(Image.open(a).convert("RGB")), np.asarray(Image.open(b).convert("RGB")))
+                for a, b in zip(fa, fb)]
+    if ab.is_dir():
+        files = sorted(p for p in ab.iterdir() if p.suffix.lower() in exts)
+        if not files:
+            raise DaskpathError(f"{ab}: no images; export tile pairs there (daskpath train translator --config RUN.yaml)")
+        out = []
+        for f in files:
+            img = np.asarray(Image.open(f).convert("RGB"))
+            if img.shape[1] % 2:
+                raise DaskpathError(f"{f}: aligned A|B image has an odd width {img.shape[1]}; "
+                                    "it must be A and B side by side")
+            w = img.shape[1] // 2
+            out.append((img[:, :w], img[:, w:]))
+        return out
+    raise DaskpathError(f"{root}: needs {split}A/ and {split}B/ (or an aligned {split}/) folder of images; "
+                        "export tile pairs there")
 
 
 class PairSampler:
@@ -625,7 +648,24 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, type=type(v), default=v)
     p.add_argument("--data", default="phantom",
-                   help="'phantom' (rendered phantom regions) or a folder with trainA/ trainB/")
+                   help="'phantom' (rendered phantom regions) or a folder with trainA/ trainB/ (or aligned train/)")
+    g = p.add_argument_group("train on a finished run's kept tiles (slide-level train/test split)")
+    g.add_argument("--config", default=None, metavar="RUN.yaml",
+                   help="the run's config: its slides manifest and output_dir (tiles.parquet)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of --config (repeatable)")
+    g.add_argument("--from-run", default=None, metavar="OUTPUT_DIR",
+                   help="a finished run's output_dir (with --slides, or instead of --config's output_dir)")
+    g.add_argument("--slides", default=None, metavar="MANIFEST.csv", help="the run's manifest (with --from-run)")
+    g.add_argument("--test-fraction", type=float, default=0.25,
+                   help="share of slides held out for evaluation (whole slides, never split)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the slide-level split")
+    g.add_argument("--export-dir", default=None,
+                   help="where tile pairs are written (default OUT_DIR/tile_pairs)")
+    g.add_argument("--layout", choices=["unaligned", "aligned"], default="unaligned",
+                   help="trainA/trainB/testA/testB (default) or pix2pix's side-by-side train/ test/")
+    g.add_argument("--max-tiles-per-slide", type=int, default=None)
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation on the test split")
     p.add_argument("--phantom-seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--regions", type=int, default=4, help="phantom regions per seed")
     p.add_argument("--region", type=int, default=512, help="phantom region side (px)")
@@ -636,23 +676,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_pairs(args: argparse.Namespace, cfg: TrainConfig) -> tuple[list, dict, Path]:
+    """Export a run's kept tiles (slide-level split) and load the train split."""
+    from daskpath.translate.tilepairs import export_tile_pairs, run_inputs
+
+    if args.data != "phantom":
+        raise ConfigError("train: use either --data or --config/--from-run, not both")
+    run = run_inputs(args.config, args.from_run, args.slides, args.set)
+    export = Path(args.export_dir) if args.export_dir else Path(args.out_dir) / "tile_pairs"
+    table = export_tile_pairs(run, export, test_fraction=args.test_fraction, seed=args.split_seed,
+                              layout=args.layout, max_tiles_per_slide=args.max_tiles_per_slide)
+    train_rows = table[table["split"] == "train"]
+    small = train_rows[(train_rows["height"] < cfg.crop) | (train_rows["width"] < cfg.crop)]
+    pairs = [p for p in folder_pairs(export, "train") if min(p[0].shape[:2]) >= cfg.crop]
+    if not pairs:
+        raise ConfigError(f"train: every train tile of {export} is smaller than --crop {cfg.crop}; lower --crop")
+    if len(small):
+        log.warning("train: %d train tile(s) smaller than crop %d left out", len(small), cfg.crop)
+    info = json.loads((export / "split.json").read_text())
+    extra = {"data": "run", "run_dir": info["run_dir"], "manifest": info["manifest"], "export_dir": str(export),
+             "test_fraction": args.test_fraction, "split_seed": args.split_seed, "layout": args.layout,
+             "train_slides": info["train_slides"], "test_slides": info["test_slides"],
+             "n_train_tiles": len(pairs), "n_test_tiles": info["n_test_tiles"]}
+    return pairs, extra, export
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m daskpath.translate.train`` / ``daskpath train translator``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         kw = {k: getattr(args, k) for k in asdict(TrainConfig()) if k != "extra"}
         cfg = TrainConfig(**kw)
-        if args.data == "phantom":
+        cmd = "python -m daskpath.translate.train " + " ".join(sys.argv[1:] if argv is None else list(argv))
+        export = None
+        if args.config or args.from_run:
+            pairs, extra, export = _run_pairs(args, cfg)
+        elif args.data == "phantom":
             pairs = phantom_pairs(args.phantom_seeds, args.regions, args.region, tuple(args.phantom_size),
                                   rng_seed=args.seed)
+            extra = {"data": "phantom", "phantom_seeds": args.phantom_seeds, "regions": args.regions,
+                     "region": args.region, "phantom_size": args.phantom_size}
         else:
             pairs = folder_pairs(args.data)
-        cmd = "python -m daskpath.translate.train " + " ".join(sys.argv[1:] if argv is None else list(argv))
-        cfg.extra = {"command": cmd, "data": args.data, "phantom_seeds": args.phantom_seeds,
-                     "regions": args.regions, "region": args.region, "phantom_size": args.phantom_size}
+            extra = {"data": args.data}
+        cfg.extra = {"command": cmd, **extra}
         t = time.time()
         out = train(cfg, pairs, args.out_dir, resume=args.resume, progress=not args.no_progress,
                     device=args.device)
-        print(f"trained {cfg.mode} {cfg.arch} ngf={cfg.ngf} in {time.time() - t:.0f} s -> {out}")
+        print(f"trained {cfg.mode} {cfg.arch} ngf={cfg.ngf} on {len(pairs)} pair(s) in {time.time() - t:.0f} s -> {out}")
+        if export is not None and not args.no_eval:
+            from daskpath.outputs import write_json
+            from daskpath.translate.evaluate import evaluate_pairs
+
+            res = evaluate_pairs(out, export, "test")
+            write_json(res, Path(out) / "evaluation.json")
+            m = res["tiles"]
+            print(f"test split ({len(res['slides_scored'])} held-out slide(s), {res['n_tiles']} tiles): "
+                  f"3-class accuracy {m.get('acc3', float('nan')):.3f}, MAE {m.get('mae', float('nan')):.4f}, "
+                  f"SSIM {res['ssim']:.3f} -> {Path(out) / 'evaluation.json'}")
     except DaskpathError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
