@@ -1,0 +1,222 @@
+"""Shared plumbing of the baselines: model folders, input checks, per-process model cache.
+
+Nothing here imports torch or scikit-learn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daskpath.errors import ConfigError, ModelError, SlideError
+
+__all__ = [
+    "SPEC_NAME",
+    "MODELS_DIR",
+    "SHIPPED",
+    "TILE_COLUMNS",
+    "BINS",
+    "ratio_class",
+    "resolve_model",
+    "read_spec",
+    "write_spec",
+    "as_rgb_dask",
+    "check_tiles",
+    "cached",
+    "task_threads",
+]
+
+#: JSON spec beside the weights in every model folder.
+SPEC_NAME = "daskpath.json"
+#: Folder of the models shipped inside the package.
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+#: Shipped models: kind -> name -> folder.
+SHIPPED: dict[str, dict[str, Path]] = {
+    "rf": {"phantom": MODELS_DIR / "rf_phantom"},
+    "classifier": {"phantom": MODELS_DIR / "classifier_phantom"},
+}
+#: Columns a tile table must have.
+TILE_COLUMNS = ("y0", "x0", "height", "width")
+#: Upper edges of the first two of the three Ki67 ratio classes (0-0.2, 0.2-0.5, 0.5-1).
+BINS = (0.2, 0.5)
+
+_TRAIN_CMD = {
+    "rf": "python -m daskpath.baselines.rf OUT_DIR",
+    "classifier": "python -m daskpath.baselines.classifier OUT_DIR",
+}
+
+
+def ratio_class(ratio: Any) -> np.ndarray:
+    """Class of a Ki67 ratio: 0 for ``[0, 0.2)``, 1 for ``[0.2, 0.5)``, 2 for ``[0.5, 1]``."""
+    return np.digitize(np.asarray(ratio, dtype=np.float64), BINS)
+
+
+def resolve_model(kind: str, model: str | os.PathLike[str]) -> Path:
+    """The model folder for ``model``: a shipped name (``"phantom"``) or a folder path.
+
+    Raises
+    ------
+    ModelError
+        The name is not shipped and no such folder exists, or the folder has no spec.
+    """
+    shipped = SHIPPED[kind]
+    if isinstance(model, str) and model in shipped:
+        folder = shipped[model]
+    else:
+        folder = Path(model).expanduser()
+    if not folder.is_dir():
+        names = ", ".join(repr(n) for n in shipped)
+        raise ModelError(
+            f"{kind} model {str(model)!r}: no such folder; use a shipped name ({names}) or a "
+            f"folder written by `{_TRAIN_CMD[kind]}`"
+        )
+    if not (folder / SPEC_NAME).is_file():
+        raise ModelError(
+            f"{folder}: no {SPEC_NAME} in the {kind} model folder; point to a folder written by "
+            f"`{_TRAIN_CMD[kind]}`"
+        )
+    return folder.resolve()
+
+
+def read_spec(folder: Path, kind: str) -> dict[str, Any]:
+    """The JSON spec of a model folder, checked to be of ``kind``."""
+    path = folder / SPEC_NAME
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: unreadable spec ({e}); restore the file or retrain") from None
+    if not isinstance(spec, dict) or spec.get("kind") != kind:
+        got = spec.get("kind") if isinstance(spec, dict) else None
+        raise ModelError(
+            f"{path}: kind={got!r} but a {kind!r} model is needed; point to a folder written by "
+            f"`{_TRAIN_CMD[kind]}`"
+        )
+    return spec
+
+
+def write_spec(folder: Path, spec: dict[str, Any]) -> Path:
+    """Write ``spec`` as ``folder/daskpath.json`` atomically."""
+    path = folder / SPEC_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def as_rgb_dask(he: Any, name: str = "he"):
+    """A ``(y, x, 3)`` uint8 dask array from a dask / numpy array or an xarray DataArray.
+
+    Raises
+    ------
+    SlideError
+        Wrong dtype or shape (one line naming the value and the fix).
+    """
+    import dask.array as da
+
+    data = getattr(he, "data", he) if type(he).__module__.startswith("xarray") else he
+    if not hasattr(data, "dtype") or not hasattr(data, "shape"):
+        raise SlideError(f"{name}: got {type(he).__name__}; pass a (y, x, 3) uint8 dask or numpy array")
+    if data.dtype != np.uint8:
+        raise SlideError(
+            f"{name}: dtype {data.dtype} is not supported; pass RGB uint8 (0-255), e.g. "
+            f"daskpath.open_slide(path).data or (img * 255).astype('uint8')"
+        )
+    if data.ndim != 3 or data.shape[2] != 3:
+        raise SlideError(f"{name}: shape {tuple(data.shape)} is not (y, x, 3) RGB; drop alpha or "
+                         "pass a colour image")
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=(2048, 2048, 3))
+    if data.chunks[2] != (3,):
+        data = data.rechunk({2: 3})
+    return data
+
+
+def check_tiles(tiles: Any, shape: Sequence[int]):
+    """A copy of ``tiles`` (a DataFrame with ``y0, x0, height, width``) checked against ``shape``.
+
+    Raises
+    ------
+    ConfigError
+        Missing columns, non-integer or empty tiles, or tiles outside the image.
+    """
+    import pandas as pd
+
+    if not isinstance(tiles, pd.DataFrame):
+        raise ConfigError(f"tiles: got {type(tiles).__name__}; pass a DataFrame with columns "
+                          f"{', '.join(TILE_COLUMNS)} (e.g. daskpath.tiles.tile_grid(shape, 1024))")
+    missing = [c for c in TILE_COLUMNS if c not in tiles.columns]
+    if missing:
+        raise ConfigError(f"tiles: column {missing[0]!r} is missing; a tile table needs "
+                          f"{', '.join(TILE_COLUMNS)} (see daskpath.tiles.tile_grid)")
+    out = tiles.copy()
+    for c in TILE_COLUMNS:
+        v = out[c].to_numpy()
+        if not np.issubdtype(v.dtype, np.integer):
+            if not (np.issubdtype(v.dtype, np.floating) and np.all(np.isfinite(v)) and np.all(v == np.round(v))):
+                raise ConfigError(f"tiles: column {c!r} must hold integers (pixels), got {v.dtype}")
+        out[c] = v.astype(np.int64)
+    h, w = int(shape[0]), int(shape[1])
+    y0, x0 = out["y0"].to_numpy(), out["x0"].to_numpy()
+    th, tw = out["height"].to_numpy(), out["width"].to_numpy()
+    bad = (th <= 0) | (tw <= 0) | (y0 < 0) | (x0 < 0) | (y0 + th > h) | (x0 + tw > w)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ConfigError(
+            f"tiles: row {i} (y0={y0[i]}, x0={x0[i]}, height={th[i]}, width={tw[i]}) is empty or "
+            f"outside the {h} x {w} image; build tiles with daskpath.tiles.tile_grid(image shape, size)"
+        )
+    return out
+
+
+_LOCK = threading.Lock()
+_CACHE: dict[tuple, Any] = {}
+
+
+def cached(key: tuple, build: Callable[[], Any]) -> Any:
+    """``build()`` once per process for ``key`` (double-checked under a lock), then reuse it.
+
+    Models are loaded through this inside tasks, so every worker process loads a model once and
+    the task graph only carries the folder path.
+    """
+    value = _CACHE.get(key)
+    if value is not None:
+        return value
+    with _LOCK:
+        value = _CACHE.get(key)
+        if value is None:
+            value = build()
+            _CACHE[key] = value
+    return value
+
+
+def task_threads(requested: int | None = None) -> int | None:
+    """Intra-op threads for a model task, so dask threads x model threads <= cores.
+
+    ``requested`` wins, then ``DASKPATH_TORCH_THREADS``; inside a dask worker thread the cores
+    are shared among the worker's threads; in the main thread ``None`` (leave the library alone).
+    """
+    if requested:
+        return max(1, int(requested))
+    env = os.environ.get("DASKPATH_TORCH_THREADS")
+    if env:
+        return max(1, int(env))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        from distributed import get_worker
+
+        nt: int | None = int(get_worker().state.nthreads)
+    except Exception:  # not inside a distributed worker
+        nt = None
+    if nt is None:
+        if threading.current_thread() is threading.main_thread():
+            return None
+        import dask
+
+        nt = int(dask.config.get("num_workers", None) or cores)
+    return max(1, cores // max(nt, 1))
