@@ -6,6 +6,7 @@ training seeds 20-31): a slide-level split.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -15,9 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("sklearn")
-pytest.importorskip("skops")
 torch = pytest.importorskip("torch")
+#: the random forest needs scikit-learn and skops (the classifier only torch)
+needs_sklearn = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None or importlib.util.find_spec("skops") is None,
+    reason="scikit-learn / skops not installed")
 
 from daskpath.baselines import data as bdata  # noqa: E402
 from daskpath.errors import ConfigError, ModelError, SlideError  # noqa: E402
@@ -51,6 +54,7 @@ def test_import_stays_light():
 # ---------------------------------------------------------------------------------------------
 # random forest
 # ---------------------------------------------------------------------------------------------
+@needs_sklearn
 @pytest.mark.parametrize("chunks", [(97, 131), (300, 29), (61, 67), (25, 260)])
 def test_rf_chunked_equals_whole_image(small_he, chunks):
     from daskpath.baselines.rf import classify_image, load_rf, predict_pixels_rf
@@ -79,6 +83,7 @@ def test_rf_features_need_exactly_the_halo(small_he):
     assert not np.array_equal(short, full[100:200, 60:160])  # depth - 1 is not enough
 
 
+@needs_sklearn
 def test_rf_heldout_phantom_slide(heldout):
     from daskpath.baselines import predict_tiles_rf
 
@@ -96,6 +101,7 @@ def test_rf_heldout_phantom_slide(heldout):
     assert ((got["ratio_rf"] >= 0) & (got["ratio_rf"] <= 1)).all()
 
 
+@needs_sklearn
 def test_rf_tiles_only_computes_needed_chunks(small_he):
     from daskpath.baselines.rf import predict_tiles_rf
 
@@ -109,6 +115,7 @@ def test_rf_tiles_only_computes_needed_chunks(small_he):
     assert got["nucleus_px_rf"].iloc[0] >= got["positive_px_rf"].iloc[0]
 
 
+@needs_sklearn
 def test_rf_model_not_in_graph_and_cached():
     import cloudpickle
 
@@ -224,6 +231,7 @@ def test_classifier_small_tiles_get_no_prediction(small_he):
     assert got["class_classifier"].iloc[0] in (0, 1, 2)
 
 
+@needs_sklearn
 def test_both_on_worker_processes(dask_client, small_he):
     from daskpath.baselines import predict_tiles_classifier, predict_tiles_rf
 
@@ -275,6 +283,7 @@ def test_bad_input_one_line(predict, he, tiles, model, exc, match):
     assert "\n" not in str(e.value)
 
 
+@needs_sklearn
 def test_model_folder_of_other_kind_or_incomplete(tmp_path):
     import shutil
 
@@ -291,6 +300,7 @@ def test_model_folder_of_other_kind_or_incomplete(tmp_path):
         _rf(_HE, _TILES, broken)
 
 
+@needs_sklearn
 def test_corrupt_tree_is_refused():
     import copy
 
@@ -308,6 +318,7 @@ def test_corrupt_tree_is_refused():
         _check_forest(bad, spec.n_features, "crafted.skops")
 
 
+@needs_sklearn
 # ---------------------------------------------------------------------------------------------
 # training commands (tiny runs: the shipped models come from the README commands)
 # ---------------------------------------------------------------------------------------------
