@@ -147,3 +147,14 @@ def test_tune_malloc_can_be_turned_off(monkeypatch):
     assert fst.tune_malloc() is False
     monkeypatch.delenv("DASKPATH_MALLOC_TUNE")
     assert isinstance(fst.tune_malloc(), bool)
+
+
+def test_task_threads_count_every_worker_process_on_the_host(dask_client, monkeypatch):
+    """2 worker processes x 1 thread on this host: each task gets cores // 2 torch threads."""
+    import os
+
+    monkeypatch.delenv("DASKPATH_TORCH_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    host_threads = sum(w["nthreads"] for w in dask_client.scheduler_info(n_workers=-1)["workers"].values())
+    got = dask_client.submit(inf._task_threads, pure=False).result()
+    assert got == max(1, cores // host_threads)

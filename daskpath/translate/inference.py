@@ -174,8 +174,11 @@ def _task_threads(requested: int | None = None) -> int | None:
 
     ``requested`` (``translate(torch_threads=...)``) wins, then ``DASKPATH_TORCH_THREADS``;
     otherwise, inside a dask worker thread (threaded scheduler or a distributed worker), the
-    cores are shared out among the worker's threads (``cores // threads``, at least 1). In the
-    main thread (``scheduler="sync"``) torch's setting is left alone (``None``).
+    cores are shared out among the dask threads on this machine (``cores // threads``, at least
+    1): for a distributed worker, the threads of every worker process on its host (asked of
+    the scheduler once per process), so 8 workers x 2 threads on 16 cores run 1 torch thread
+    per task, not 8. In the main thread (``scheduler="sync"``) torch's setting is left alone
+    (``None``).
     """
     if requested:
         return max(1, int(requested))
@@ -187,9 +190,11 @@ def _task_threads(requested: int | None = None) -> int | None:
     try:
         from distributed import get_worker
 
-        nt = int(get_worker().state.nthreads)
+        worker = get_worker()
     except Exception:  # not in a distributed worker (or no distributed installed)
-        nt = None
+        worker = None
+    if worker is not None:
+        nt = _host_threads(worker)
     if nt is None:
         if threading.current_thread() is threading.main_thread():
             return None
@@ -197,6 +202,28 @@ def _task_threads(requested: int | None = None) -> int | None:
 
         nt = int(dask.config.get("num_workers", None) or cores)
     return max(1, cores // max(nt, 1))
+
+
+_HOST_THREADS: dict[str, int] = {}
+
+
+def _host_threads(worker: Any) -> int:
+    """Dask threads of all worker processes on ``worker``'s host (cached per worker; own count on error)."""
+    own = int(worker.state.nthreads)
+    n = _HOST_THREADS.get(worker.address)
+    if n is not None:
+        return n
+    try:
+        from distributed import get_client
+
+        info = get_client().scheduler_info(n_workers=-1)["workers"]
+        host = info[worker.address]["host"]
+        n = sum(int(w.get("nthreads", 0)) for w in info.values() if w.get("host") == host)
+    except Exception:  # scheduler unreachable, older distributed: this worker's threads only
+        n = own
+    n = max(n, own)
+    _HOST_THREADS[worker.address] = n
+    return n
 
 
 def _set_torch_threads(n: int | None) -> None:
