@@ -127,6 +127,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         rest = rest[1:]
     if args.what == "stardist":
         from daskpath.train_stardist import main as train_main
+    elif args.what == "rf":
+        from daskpath.baselines.rf import main as train_main
+    elif args.what == "classifier":
+        from daskpath.baselines.classifier import main as train_main
     else:
         from daskpath.translate.train import main as train_main
     return int(train_main(rest) or 0)
@@ -215,13 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "train",
-        help="train a model: stardist (nucleus segmentation) or translator (H&E -> IHC GAN)",
+        help="train a model: stardist (nucleus segmentation), translator (H&E -> IHC GAN), "
+        "rf (random-forest pixel classifier) or classifier (3-class ResNet18)",
         description="Reproduce a shipped model or train your own. Arguments after WHAT go to the "
-        "trainer: `daskpath train stardist -- --help`, `daskpath train translator -- --help`. "
+        "trainer: `daskpath train stardist -- --help`, `daskpath train translator -- --help`, "
+        "`daskpath train rf -- --help`, `daskpath train classifier -- --help`. "
         "`daskpath train translator OUT_DIR --config RUN.yaml` trains on the kept tiles of a finished "
         "run (random crops, flips), holding out whole slides (--test-fraction) for evaluation.json.",
     )
-    s.add_argument("what", choices=("stardist", "translator"))
+    s.add_argument("what", choices=("stardist", "translator", "rf", "classifier"))
     s.add_argument("rest", nargs=argparse.REMAINDER, help="trainer arguments (see -- --help)")
     s.set_defaults(func=_cmd_train)
 

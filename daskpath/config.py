@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 STAGES = ("preprocess", "nuclei", "translate", "baselines")
-AVAILABLE_STAGES = ("preprocess", "nuclei", "translate")
 CLUSTER_KINDS = ("local", "local-cuda", "slurm", "kubernetes", "address")
 AVAILABLE_CLUSTERS = CLUSTER_KINDS
 
@@ -75,6 +74,16 @@ class TranslateConfig:
 @dataclass(frozen=True)
 class LayersConfig:
     downsample: int = 8
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    """Stage ``baselines``: Ki67 ratio predicted from H&E alone, without translation."""
+
+    methods: tuple[str, ...] = ("rf", "classifier")
+    rf_model: str = "phantom"
+    classifier_model: str = "phantom"
+    batch_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -151,7 +160,7 @@ class Config:
     output_dir: str = "daskpath_out"
     chunk_size: int | None = None
     cache_dir: str | None = None
-    stages: tuple[str, ...] = ("preprocess", "nuclei", "translate")
+    stages: tuple[str, ...] = STAGES
     overwrite: bool = False
     retries: int = 2
     tiles: TilesConfig = field(default_factory=TilesConfig)
@@ -159,6 +168,7 @@ class Config:
     ssim: SsimConfig = field(default_factory=SsimConfig)
     nuclei: NucleiConfig = field(default_factory=NucleiConfig)
     translate: TranslateConfig = field(default_factory=TranslateConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     layers: LayersConfig = field(default_factory=LayersConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -286,13 +296,6 @@ def _check(cfg: Config) -> None:
     for s in cfg.stages:
         if s not in STAGES:
             raise bad("stages", list(cfg.stages), f"stages are {', '.join(STAGES)}")
-        if s not in AVAILABLE_STAGES:
-            raise bad(
-                "stages",
-                list(cfg.stages),
-                f"stage '{s}' is not implemented in this version (available: "
-                f"{', '.join(AVAILABLE_STAGES)})",
-            )
     if not 0 <= cfg.retries <= 20:
         raise bad("retries", cfg.retries, "use 0..20")
     if not cfg.stages:
@@ -320,6 +323,11 @@ def _check(cfg: Config) -> None:
         raise bad("translate.blend", cfg.translate.blend, "crop or feather")
     if cfg.translate.norm_stats not in ("auto", "slide", "tile", "running"):
         raise bad("translate.norm_stats", cfg.translate.norm_stats, "auto, slide, tile or running")
+    for m in cfg.baselines.methods:
+        if m not in ("rf", "classifier"):
+            raise bad("baselines.methods", list(cfg.baselines.methods), "a subset of [rf, classifier]")
+    if cfg.baselines.batch_size < 1:
+        raise bad("baselines.batch_size", cfg.baselines.batch_size, ">= 1")
     if cfg.chunk_size is not None and not 256 <= cfg.chunk_size <= 32768:
         raise bad("chunk_size", cfg.chunk_size, "use 256..32768 px (or null for the default)")
     if not 64 <= cfg.tiles.size <= 65536:

@@ -536,14 +536,17 @@ def _run(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: f
     failed = {f["slide"] for f in failures}
     model_slides = [r for r in manifest.itertuples(index=False)
                     if r.slide not in failed and _part_path(out, r.slide).exists()]
-    for stage in ("nuclei", "translate"):
+    for stage in ("nuclei", "translate", "baselines"):
         if stage not in cfg.stages:
             continue
         for r in _progress_iter(model_slides, progress, stage):
             if r.slide in failed:
                 continue
             try:
-                _model_stage(stage, r.slide, r.he, r.ihc, cfg, out, client)
+                if stage == "baselines":
+                    _baselines_stage(r.slide, r.he, r.ihc, cfg, out, client)
+                else:
+                    _model_stage(stage, r.slide, r.he, r.ihc, cfg, out, client)
             except Exception as e:  # noqa: BLE001 - one bad slide must not sink the cohort
                 msg = str(e) if isinstance(e, DaskpathError) else f"{type(e).__name__}: {e}"
                 log.debug("slide %s failed in %s:\n%s", r.slide, stage, traceback.format_exc())
@@ -669,6 +672,55 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     write_table(stage_tab, part)
 
 
+def _baselines_stage(slide: str, he: str, ihc: str, cfg: Config, out: Path, client) -> None:
+    """Predict the Ki67 ratio of every kept tile from the H&E alone (random forest, ResNet18).
+
+    Writes ``parts/<slide>.baselines.parquet``: ``ratio_rf`` with the pixel counts behind it
+    (``positive_px_rf``, ``nucleus_px_rf``, for the slide's area-weighted ratio) and
+    ``ratio_classifier`` / ``class_classifier``, NaN (class -1) outside kept tiles.
+    """
+    from daskpath.baselines import predict_tiles_classifier, predict_tiles_rf
+    from daskpath.cluster import check_runnable, model_annotations
+    from daskpath.io import open_pair
+
+    part = _stage_path(out, slide, "baselines")
+    tiles = read_table(_part_path(out, slide)).drop(columns=["mpp"], errors="ignore")
+    keep = keep_mask(tiles["tissue_fraction"], tiles["ssim"], cfg).to_numpy()
+    if part.exists() and not cfg.overwrite:
+        done = read_table(part)
+        methods_done = {c.removeprefix("ratio_") for c in done.columns if c.startswith("ratio_")}
+        if done["measured"].to_numpy(bool)[keep].all() and set(cfg.baselines.methods) <= methods_done:
+            log.info("slide %s: stage baselines already done", slide)
+            return
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    ds = open_pair(he, ihc, chunk_size=cfg.chunk_size, cache_dir=cache)
+    kept = tiles.loc[keep, ["y0", "x0", "height", "width"]].reset_index(drop=True)
+    tab = tiles[["slide", "y0", "x0"]].copy()
+    idx = np.flatnonzero(keep)
+    if "rf" in cfg.baselines.methods:
+        for c in ("ratio_rf", "positive_px_rf", "nucleus_px_rf"):
+            tab[c] = np.nan
+        if len(kept):
+            rf = client.compute(predict_tiles_rf(ds["he"].data, kept, cfg.baselines.rf_model,
+                                                 compute=False), retries=cfg.retries).result()
+            for c in ("ratio_rf", "positive_px_rf", "nucleus_px_rf"):
+                tab.loc[idx, c] = rf[c].to_numpy(np.float64)
+    if "classifier" in cfg.baselines.methods:
+        tab["ratio_classifier"] = np.nan
+        tab["class_classifier"] = -1
+        if len(kept):
+            ann = model_annotations(client)
+            check_runnable(client, ann)
+            cl = client.compute(predict_tiles_classifier(
+                ds["he"].data, kept, cfg.baselines.classifier_model,
+                batch_size=cfg.baselines.batch_size, resources=ann.get("resources"), compute=False,
+            ), retries=cfg.retries).result()
+            tab.loc[idx, "ratio_classifier"] = cl["ratio_classifier"].to_numpy(np.float64)
+            tab.loc[idx, "class_classifier"] = cl["class_classifier"].to_numpy(np.int64)
+    tab["measured"] = keep
+    write_table(tab, part)
+
+
 def _similarity_block(virtual: np.ndarray, real: np.ndarray) -> np.ndarray:
     """Mean SSIM (design definition, float32 path) and PSNR (dB, RGB) of two RGB tiles."""
     from daskpath.similarity import gray, ssim_block
@@ -733,6 +785,20 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, failures: list[dic
             row[f"ratio_{suffix}"] = pa / aa if aa > 0 else np.nan
             row[f"ki67_index_{suffix}"] = pn / an if an > 0 else np.nan
             row[f"nuclei_{suffix}"] = int(an)
+        bp = _stage_path(out, slide, "baselines")
+        if "baselines" in cfg.stages and bp.exists():
+            st = read_table(bp)
+            k = part["keep"].to_numpy()
+            if "ratio_rf" in st.columns and "rf" in cfg.baselines.methods:
+                part["ratio_rf"] = st["ratio_rf"].to_numpy()
+                pos, nuc = st["positive_px_rf"].to_numpy()[k], st["nucleus_px_rf"].to_numpy()[k]
+                row["ratio_rf"] = np.nansum(pos) / np.nansum(nuc) if np.nansum(nuc) > 0 else np.nan
+            if "ratio_classifier" in st.columns and "classifier" in cfg.baselines.methods:
+                part["ratio_classifier"] = st["ratio_classifier"].to_numpy()
+                part["class_classifier"] = st["class_classifier"].to_numpy()
+                # a tile-level class estimate: the slide value is the mean over kept tiles
+                v = st["ratio_classifier"].to_numpy()[k]
+                row["ratio_classifier"] = float(np.nanmean(v)) if np.isfinite(v).any() else np.nan
         parts.append(part)
         rows.append(row)
     tiles = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TILE_COLUMNS)

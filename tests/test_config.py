@@ -67,6 +67,7 @@ def test_parse_set_nested():
         (["ssim.dtype=float16"], "'ssim.dtype'"),
         (["stages=[bogus]"], "stages are preprocess, nuclei, translate, baselines"),
         (["stages=[]"], "give at least one stage"),
+        (["baselines.methods=[rf,svm]"], "a subset of [rf, classifier]"),
         (["cluster.kind=cloud"], "'cluster.kind' = 'cloud' is invalid"),
         (["cluster.n_workers=0"], "'cluster.n_workers' = 0 is invalid"),
         (["overwrite=yes please"], "config key 'overwrite' must be true or false"),

@@ -35,7 +35,8 @@ def _truth_ratio(folder, slide, tiles):
 def test_tables_have_ratio_columns_and_metrics(full_run):
     res = full_run
     assert res.ok, res.failures
-    for col in ("ratio_ihc", "ki67_index_ihc", "ratio_virtual", "ki67_index_virtual"):
+    for col in ("ratio_ihc", "ki67_index_ihc", "ratio_virtual", "ki67_index_virtual",
+                "ratio_rf", "ratio_classifier"):
         assert col in res.tiles.columns and col in res.slides.columns
     kept = res.tiles[res.tiles.keep]
     assert len(kept) >= 2
@@ -46,6 +47,15 @@ def test_tables_have_ratio_columns_and_metrics(full_run):
     assert v["n"] == kept["ratio_virtual"].notna().sum()
     assert {"acc@0.05", "acc@0.1", "acc@0.2", "mse", "mae", "class_accuracy", "balanced_accuracy"} <= set(v)
     assert np.array(v["confusion"]["rows_truth_cols_pred"]).sum() == v["n"]
+    # the H&E-only baselines are scored like the virtual IHC, on the same kept tiles
+    for name in ("rf", "classifier"):
+        b = metrics["tiles"][name]
+        assert b["n"] == kept[f"ratio_{name}"].notna().sum() >= 2
+        assert kept[f"ratio_{name}"].between(0, 1).all()
+        assert res.tiles.loc[~res.tiles.keep, f"ratio_{name}"].isna().all()
+    # the shipped random forest tracks the truth on these phantoms (see tests/test_baselines.py)
+    assert metrics["tiles"]["rf"]["mae"] < 0.05
+    assert set(kept["class_classifier"]) <= {0, 1, 2}
     sim = metrics["image_similarity_virtual_vs_real"]
     assert sim["n"] == len(kept) and 0.2 < sim["ssim_mean"] <= 1 and 10 < sim["psnr_mean_db"] < 60
     assert kept["ssim_virtual"].notna().all() and res.tiles.loc[~res.tiles.keep, "ssim_virtual"].isna().all()
