@@ -63,7 +63,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import math
 import os
 import threading
 from dataclasses import dataclass, field

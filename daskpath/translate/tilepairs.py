@@ -62,8 +62,25 @@ def run_inputs(config: str | os.PathLike[str] | None = None, run_dir: str | os.P
                slides: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> RunInputs:
     """Resolve a run from its config (``slides``, ``output_dir``) or from ``run_dir`` + manifest.
 
-    ``config`` is the YAML the run used (``--set`` style ``overrides`` apply); ``run_dir`` and
-    ``slides`` override its ``output_dir`` and ``slides``. Without a config both are needed.
+    Parameters
+    ----------
+    config : path, optional
+        The YAML the run used; ``overrides`` (``"dotted.key=value"``) apply to it.
+    run_dir, slides : path, optional
+        Override the config's ``output_dir`` and ``slides``; without a config both are needed.
+    overrides : sequence of str
+        ``--set`` style overrides of ``config``.
+
+    Returns
+    -------
+    RunInputs
+        The run folder, the manifest, and where flat rasters were ingested (the run's
+        ``cache_dir``, default ``<output_dir>/cache``) with the run's ``chunk_size``.
+
+    Raises
+    ------
+    ConfigError
+        Neither a config nor a run folder, or no manifest.
     """
     cache, chunk = None, None
     if config is not None:

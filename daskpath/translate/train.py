@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from daskpath.errors import ConfigError, DaskpathError
-from daskpath.translate.checkpoints import GeneratorSpec, SPEC_NAME, build_generator, save_generator
+from daskpath.translate.checkpoints import GeneratorSpec, SPEC_NAME, build_generator
 from daskpath.translate.networks import define_D, init_weights
 
 __all__ = [
