@@ -61,6 +61,7 @@ class NucleiConfig:
     stain_matrix: str = "hed"
     prob_thresh: float | None = None
     nms_thresh: float | None = None
+    chunk_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,8 @@ def _check(cfg: Config) -> None:
         raise bad("translate.blend", cfg.translate.blend, "crop or feather")
     if cfg.translate.norm_stats not in ("auto", "slide", "tile", "running"):
         raise bad("translate.norm_stats", cfg.translate.norm_stats, "auto, slide, tile or running")
+    if cfg.nuclei.chunk_size is not None and not 256 <= cfg.nuclei.chunk_size <= 8192:
+        raise bad("nuclei.chunk_size", cfg.nuclei.chunk_size, "use 256..8192 px (or null: tiles.size)")
     for m in cfg.baselines.methods:
         if m not in ("rf", "classifier"):
             raise bad("baselines.methods", list(cfg.baselines.methods), "a subset of [rf, classifier]")

@@ -409,8 +409,13 @@ def _segment_block(
     norm: tuple[float, float],
     prob_thresh: float | None,
     nms_thresh: float | None,
+    owners: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """StarDist on one chunk + halo; return (core labels with global ids, owned nuclei table)."""
+    """StarDist on one chunk + halo; return (core labels with global ids, owned nuclei table).
+
+    ``owners`` (chunk boundaries in y and x, and which chunks are segmented) keeps nuclei owned
+    by unsegmented chunks out of the label image.
+    """
     model = load_stardist(ref)
     lo, hi = norm
     x = (np.asarray(img, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
@@ -440,13 +445,19 @@ def _segment_block(
     if gid.max() > np.iinfo(np.int32).max:
         raise ConfigError(f"slide {H}x{W} too large for int32 label ids with grid {ref.grid}")
     lut = np.concatenate([[0], gid]).astype(np.int32)
-    core_labels = lut[labels[core_sl]]
 
     cen = _polygon_centroids(np.asarray(det["coord"])) + np.array([oy, ox])
     cen[:, 0] = np.clip(cen[:, 0], 0, H - 1e-3)
     cen[:, 1] = np.clip(cen[:, 1], 0, W - 1e-3)
     fy, fx = np.floor(cen[:, 0]), np.floor(cen[:, 1])
     own = (fy >= cy0) & (fy < cy1) & (fx >= cx0) & (fx < cx1)
+    if owners is not None:
+        # do not paint nuclei whose owning chunk is not segmented: they have no table row
+        ys, xs, wanted = owners
+        ci = np.clip(np.searchsorted(ys, fy, side="right") - 1, 0, wanted.shape[0] - 1)
+        cj = np.clip(np.searchsorted(xs, fx, side="right") - 1, 0, wanted.shape[1] - 1)
+        lut[1:][~wanted[ci, cj]] = 0
+    core_labels = lut[labels[core_sl]]
 
     flat = labels.ravel()
     area = np.bincount(flat, minlength=n + 1)[1:]
@@ -602,6 +613,7 @@ def segment_nuclei(
     ystarts = np.concatenate([[0], np.cumsum(cy)])
     xstarts = np.concatenate([[0], np.cumsum(cx)])
     wanted = chunks_in_region(ystarts, xstarts, region)
+    owners = None if wanted.all() else (ystarts, xstarts, wanted)
     fn = dask.delayed(_segment_block, pure=True, nout=2)
     rows, parts = [], []
     ctx = dask.annotate(resources=resources) if resources else contextlib.nullcontext()
@@ -620,6 +632,7 @@ def segment_nuclei(
                 lab, tab = fn(
                     blk, dblk, ref=ref, origin=origin, core=(y0, y1, x0, x1), shape=(H, W),
                     norm=(lo, hi), prob_thresh=prob_thresh, nms_thresh=nms_thresh,
+                    owners=owners,
                 )
                 row.append(da.from_delayed(lab, shape=(y1 - y0, x1 - x0), dtype=np.int32,
                                            meta=np.empty((0, 0), np.int32)))

@@ -414,11 +414,33 @@ def run(
     manifest = read_manifest(cfg.slides)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _write_run_config(cfg, out)
     t0 = time.perf_counter()
     if client is None:
         with connect(cfg.cluster, scheduler) as c:
             return _run_reported(cfg, manifest, out, c, progress, t0, performance_report)
     return _run_reported(cfg, manifest, out, client, progress, t0, performance_report)
+
+
+def _write_run_config(cfg: Config, out: Path) -> Path:
+    """``output_dir/config.yaml``: the validated config of this run, paths made absolute, so
+    the folder says what produced it (``daskpath run`` can rerun it; ``daskpath train
+    translator --from-run`` finds the slides)."""
+    import yaml
+
+    from daskpath.outputs import atomic_path
+
+    d = cfg.to_dict()
+    d["slides"] = str(Path(cfg.slides).expanduser().resolve())
+    d["output_dir"] = str(out.resolve())
+    if cfg.cache_dir:
+        d["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
+    path = out / "config.yaml"
+    tmp = atomic_path(path)
+    tmp.write_text("# written by daskpath run: the configuration of the run in this folder\n"
+                   + yaml.safe_dump(d, sort_keys=False))
+    os.replace(tmp, path)
+    return path
 
 
 def _run_reported(cfg, manifest, out, client, progress, t0, report) -> RunResult:
@@ -577,7 +599,15 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     """
     from daskpath.cluster import check_runnable, model_annotations
     from daskpath.io import open_pair
-    from daskpath.nuclei import measure_nuclei, tile_ratios, tile_sums, write_geojson
+    from daskpath.nuclei import (
+        chunks_in_region,
+        default_depth,
+        measure_nuclei,
+        resolve_model,
+        tile_ratios,
+        tile_sums,
+        write_geojson,
+    )
 
     part = _stage_path(out, slide, stage)
     tiles = read_table(_part_path(out, slide)).drop(columns=["mpp"], errors="ignore")
@@ -588,7 +618,9 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
             log.info("slide %s: stage %s already done", slide, stage)
             return
         log.info("slide %s: stage %s: kept tiles changed since it ran, measuring again", slide, stage)
-    # nuclei are needed on kept tiles only: StarDist runs on the chunks that meet one
+    # nuclei are needed on kept tiles only: StarDist runs on the chunks that meet one, chunks of
+    # nuclei.chunk_size (default the tile size, so no more than the kept tiles + halo)
+    nchunk = cfg.nuclei.chunk_size or cfg.tiles.size
     kept = tiles[keep.to_numpy()]
     region = list(zip(kept["y0"], kept["y0"] + kept["height"], kept["x0"], kept["x0"] + kept["width"]))
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
@@ -608,6 +640,7 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     )
     if stage == "nuclei":
         image, suffix, source = ds["ihc"].data, "ihc", "ihc"
+        image = image.rechunk((nchunk, nchunk, 3))
     else:
         import dask.array as da
         import zarr
@@ -622,16 +655,33 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
             norm_stats=cfg.translate.norm_stats,
             resources=resources,
         )
-        # the virtual IHC is a layer of its own: written once, region by region, then measured
+        # the virtual IHC is a layer of its own: written once, chunk by chunk, then measured.
+        # Only chunks near kept tiles are translated: within the nuclei halo of one, so the
+        # nuclei of kept tiles see the same pixels as on a fully translated slide; the rest of
+        # the layer stays white (the zarr fill value) and holds no nuclei.
         vdir = out / "layers" / f"{slide}.virtual.zarr"
         tmp = vdir.with_name(f".{vdir.name}.partial")
         if tmp.exists():
             shutil.rmtree(tmp)
         cy, cx = virtual.chunks[0][0], virtual.chunks[1][0]
-        target = zarr.open_array(str(tmp), mode="w", shape=virtual.shape, chunks=(cy, cx, 3), dtype="uint8")
-        client.compute(da.store(virtual, target, lock=False, compute=False), retries=cfg.retries).result()
+        target = zarr.open_array(str(tmp), mode="w", shape=virtual.shape, chunks=(cy, cx, 3),
+                                 dtype="uint8", fill_value=255)
+        margin = default_depth(resolve_model(cfg.nuclei.model))
+        grown = [(max(0, y0 - margin), y1 + margin, max(0, x0 - margin), x1 + margin)
+                 for y0, y1, x0, x1 in region]
+        ys = np.concatenate([[0], np.cumsum(virtual.chunks[0])])
+        xs = np.concatenate([[0], np.cumsum(virtual.chunks[1])])
+        wanted = chunks_in_region(ys, xs, grown)
+        blocks = [(int(i), int(j)) for i, j in zip(*np.nonzero(wanted))]
+        if blocks:
+            store = da.store(
+                [virtual.blocks[i, j] for i, j in blocks], [target] * len(blocks),
+                regions=[(slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1]), slice(0, 3)) for i, j in blocks],
+                lock=False, compute=False,
+            )
+            client.gather(client.compute(store, retries=cfg.retries))  # one result per source
         replace_dir(tmp, vdir)
-        image = da.from_zarr(str(vdir)).rechunk(ds["ihc"].data.chunks)
+        image = da.from_zarr(str(vdir)).rechunk((nchunk, nchunk, 3))
         suffix, source = "virtual", "virtual"
         similarity = _tile_similarity(client, image, ds["ihc"].data, tiles, keep.to_numpy())
     labels_dir = None

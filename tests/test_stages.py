@@ -18,7 +18,8 @@ from daskpath.pipeline import run  # noqa: E402
 @pytest.fixture(scope="module")
 def full_run(synth_cohort, dask_client, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={out}", "tiles.size=512"])
+    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={out}", "tiles.size=512",
+                             "chunk_size=512"])
     return run(cfg, client=dask_client)
 
 
@@ -69,6 +70,20 @@ def test_tables_have_ratio_columns_and_metrics(full_run):
     ids = np.unique(labels[labels > 0])
     assert set(nuc["id"]) <= set(ids.tolist())  # globally unique ids shared by table and labels
     assert len(ids) == pytest.approx(len(nuc), rel=0.02)
+    # the virtual IHC is computed only near kept tiles: 512-px chunks = tiles here, and the
+    # nuclei halo (80 px) reaches into the 8 neighbours of a kept tile; white elsewhere
+    from scipy.ndimage import binary_dilation
+
+    for s_ in res.slides.slide:
+        v = zarr.open_array(str(res.output_dir / "layers" / f"{s_}.virtual.zarr"), mode="r")
+        t = res.tiles[res.tiles.slide == s_]
+        grid = np.zeros((4, 4), bool)
+        grid[t.y0 // 512, t.x0 // 512] = t.keep
+        near = binary_dilation(grid, np.ones((3, 3), bool))
+        assert v.nchunks == 16 and v.nchunks_initialized == near.sum()
+        if not near.all():
+            i, j = np.argwhere(~near)[0]
+            assert (v[i * 512:(i + 1) * 512, j * 512:(j + 1) * 512] == 255).all()
     gj = json.loads((res.output_dir / "nuclei" / f"{slide}.geojson").read_text())
     assert len(gj["features"]) == len(nuc)
     used = json.loads((res.output_dir / "nuclei" / f"{slide}.json").read_text())

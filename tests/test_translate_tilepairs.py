@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -139,7 +140,10 @@ def test_export_bad_input(tiny_run, tmp_path):
     with pytest.raises(ConfigError, match="layout"):
         export_tile_pairs(run_dir, tmp_path / "x", manifest=manifest, layout="paired")
     with pytest.raises(ConfigError, match="--slides"):
-        run_inputs(run_dir=run_dir)
+        run_inputs(run_dir=tmp_path / "nokeep")  # a folder without the run's config.yaml
+    # a run folder knows its slides: `daskpath run` wrote config.yaml with absolute paths
+    found = run_inputs(run_dir=run_dir)
+    assert found.manifest == Path(manifest).resolve() and found.run_dir == run_dir
     with pytest.raises(ConfigError, match="--config"):
         run_inputs()
 
@@ -182,7 +186,6 @@ def test_train_translator_from_run_bad_input(tiny_run, tmp_path, capsys):
             "--steps-per-epoch", "1", "--batch-size", "1", "--tile", "192", "--no-progress"]
     bad = [
         (["--from-run", str(tmp_path / "missing"), "--slides", str(manifest)], "run folder"),
-        (["--from-run", str(run_dir)], "--slides"),
         (["--from-run", str(run_dir), "--slides", str(manifest), "--test-fraction", "1.5"], "test_fraction"),
         (["--from-run", str(run_dir), "--slides", str(manifest), "--crop", "1024"], "smaller than --crop"),
         (["--from-run", str(run_dir), "--slides", str(manifest), "--data", str(tmp_path)], "either --data"),

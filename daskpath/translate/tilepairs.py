@@ -67,7 +67,9 @@ def run_inputs(config: str | os.PathLike[str] | None = None, run_dir: str | os.P
     config : path, optional
         The YAML the run used; ``overrides`` (``"dotted.key=value"``) apply to it.
     run_dir, slides : path, optional
-        Override the config's ``output_dir`` and ``slides``; without a config both are needed.
+        Override the config's ``output_dir`` and ``slides``. Without ``config``, the run folder's
+        own ``config.yaml`` (written by ``daskpath run``) is used when there is one; otherwise
+        both are needed.
     overrides : sequence of str
         ``--set`` style overrides of ``config``.
 
@@ -83,6 +85,8 @@ def run_inputs(config: str | os.PathLike[str] | None = None, run_dir: str | os.P
         Neither a config nor a run folder, or no manifest.
     """
     cache, chunk = None, None
+    if config is None and run_dir is not None and (Path(run_dir).expanduser() / "config.yaml").is_file():
+        config = Path(run_dir).expanduser() / "config.yaml"  # written by `daskpath run`
     if config is not None:
         from daskpath.config import load_config
 
