@@ -32,3 +32,14 @@ def _reset_dask_config():
     """Each test starts from the same dask config."""
     with dask.config.set({}):
         yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's tests: on a shared 2-core runner more threads
+    spin and run up to 10x slower. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -86,7 +86,7 @@ def test_pipeline_on_slurm_equals_local(slurm, tmp_path):
     slurm_cfg = load_config(None, _overrides(manifest, tmp_path / "slurm") + [
         "cluster.kind=slurm",
         "cluster.slurm.cores=1",
-        "cluster.slurm.memory=3GiB",
+        "cluster.slurm.memory=6GiB",  # a worker holds TensorFlow + torch + a 2176-px window (~2.5 GB)
         "cluster.slurm.jobs=2",
         "cluster.slurm.walltime=00:15:00",
         f"cluster.slurm.python={sys.executable}",

@@ -22,13 +22,7 @@ from daskpath.translate.checkpoints import (GeneratorSpec, infer_spec, load_gene
 from daskpath.translate.networks import count_params, define_G, init_weights  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core runner, more threads spin and run 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,12 +15,7 @@ from daskpath.translate.checkpoints import GeneratorSpec, load_generator, save_g
 from daskpath.translate.networks import define_G, init_weights  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from daskpath.translate.tilepairs import (RunInputs, export_tile_pairs, kept_til
                                           run_inputs, split_slides)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

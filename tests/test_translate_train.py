@@ -17,12 +17,7 @@ from daskpath.translate.train import (ImagePool, PairSampler, TrainConfig, gauss
                                       main, pyramid_l1, train)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

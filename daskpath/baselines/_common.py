@@ -196,27 +196,12 @@ def cached(key: tuple, build: Callable[[], Any]) -> Any:
 
 
 def task_threads(requested: int | None = None) -> int | None:
-    """Intra-op threads for a model task, so dask threads x model threads <= cores.
+    """Intra-op torch threads for a model task, so that dask threads x torch threads <= cores.
 
-    ``requested`` wins, then ``DASKPATH_TORCH_THREADS``; inside a dask worker thread the cores
-    are shared among the worker's threads; in the main thread ``None`` (leave the library alone).
+    The translation stage's rule (:func:`daskpath.translate.inference._task_threads`): the
+    request, then ``DASKPATH_TORCH_THREADS``, then the host's cores shared among the dask
+    threads of every worker process on the host; ``None`` in the main thread.
     """
-    if requested:
-        return max(1, int(requested))
-    env = os.environ.get("DASKPATH_TORCH_THREADS")
-    if env:
-        return max(1, int(env))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        from distributed import get_worker
+    from daskpath.translate.inference import _task_threads
 
-        nt: int | None = int(get_worker().state.nthreads)
-    except Exception:  # not inside a distributed worker
-        nt = None
-    if nt is None:
-        if threading.current_thread() is threading.main_thread():
-            return None
-        import dask
-
-        nt = int(dask.config.get("num_workers", None) or cores)
-    return max(1, cores // max(nt, 1))
+    return _task_threads(requested)

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -241,19 +240,13 @@ def load_classifier(model: str | os.PathLike[str] = "phantom", device: str | Non
     return cached(("classifier", str(folder), mtime, dev), lambda: _load(str(folder), dev))
 
 
-_THREADS_LOCK = threading.Lock()
 
 
 def _set_threads(n: int | None) -> None:
-    """``torch.set_num_threads(n)`` (process-wide) when it differs, under a lock."""
-    if not n:
-        return
-    import torch
+    """``torch.set_num_threads(n)`` once per process (the translation stage's helper)."""
+    from daskpath.translate.inference import _set_torch_threads
 
-    if torch.get_num_threads() != n:
-        with _THREADS_LOCK:
-            if torch.get_num_threads() != n:
-                torch.set_num_threads(n)
+    _set_torch_threads(n)
 
 
 def run_network(net: Any, batch: np.ndarray, device: str | None = None) -> np.ndarray:
