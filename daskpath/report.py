@@ -89,6 +89,7 @@ def _ratio_maps(slide: str, tiles: pd.DataFrame, cfg: Config) -> str | None:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     size = cfg.tiles.size
     ny = int(np.ceil((tiles["y0"] + tiles["height"]).max() / size))
@@ -103,6 +104,8 @@ def _ratio_maps(slide: str, tiles: pd.DataFrame, cfg: Config) -> str | None:
         ax.set_title(f"{slide}: {col} (kept tiles)")
         ax.set_xlabel("tile x")
         ax.set_ylabel("tile y")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(im, ax=ax, fraction=0.046)
     out = _png(fig)
     plt.close(fig)
