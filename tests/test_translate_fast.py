@@ -153,3 +153,21 @@ def test_task_threads_count_every_worker_process_on_the_host(dask_client, monkey
     host_threads = sum(w["nthreads"] for w in dask_client.scheduler_info(n_workers=-1)["workers"].values())
     got = dask_client.submit(inf._task_threads, pure=False).result()
     assert got == max(1, cores // host_threads)
+
+
+def test_tune_malloc_skipped_on_memory_tight_workers(monkeypatch):
+    """In a dask worker with a small memory limit the retained heap would pause the worker."""
+    from types import SimpleNamespace
+
+    import distributed
+
+    monkeypatch.setattr(fst, "_TUNED", False)
+    monkeypatch.delenv("DASKPATH_MALLOC_TUNE", raising=False)
+    small = SimpleNamespace(memory_manager=SimpleNamespace(memory_limit=3 << 30))
+    monkeypatch.setattr(distributed, "get_worker", lambda: small)
+    assert fst._worker_memory_limit() == 3 << 30
+    assert fst.tune_malloc() is False and fst._TUNED is False
+    big = SimpleNamespace(memory_manager=SimpleNamespace(memory_limit=16 << 30))
+    monkeypatch.setattr(distributed, "get_worker", lambda: big)
+    assert fst._worker_memory_limit() == 16 << 30
+    assert isinstance(fst.tune_malloc(), bool)  # allowed (False only off glibc)

@@ -46,8 +46,11 @@ trim threshold to 512 MiB (``mallopt``) once per process, so the activations are
 the heap. It is called when a translation network is built on CPU; ``DASKPATH_MALLOC_TUNE=0``
 turns it off. The price is resident memory: a process keeps up to ~0.5 GB of freed heap
 (dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that RSS follows freed
-memory; this setting overrides that in processes that translate). On memory-tight workers
-set ``DASKPATH_MALLOC_TUNE=0`` (~10 % slower translation).
+memory; this setting overrides that in processes that translate). So it is skipped in a dask
+worker whose memory limit is under :data:`MALLOC_TUNE_MIN_LIMIT` (8 GiB): there the retained
+heap counts against the limit and Dask pauses the worker at 80 % (seen: a 3 GiB SLURM worker
+paused at 2.41 GiB). ``DASKPATH_MALLOC_TUNE=0`` turns it off everywhere (~10 % slower
+translation).
 """
 
 from __future__ import annotations
@@ -71,16 +74,36 @@ _TUNED = False
 _TUNE_LOCK = threading.Lock()
 
 
+#: Dask workers with a smaller memory limit do not tune malloc (see the module docstring).
+MALLOC_TUNE_MIN_LIMIT = 8 << 30
+
+
+def _worker_memory_limit() -> int | None:
+    """The memory limit (bytes) of the dask worker running this code; None outside one or unlimited."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except Exception:  # not in a distributed worker (or distributed missing)
+        return None
+    limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
+    return int(limit) if limit else None
+
+
 def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = 512 << 20) -> bool:
     """Keep large freed blocks in the heap for reuse (glibc ``mallopt``); once per process.
 
-    Returns True when the setting is in effect. A no-op (False) off glibc, or with
-    ``DASKPATH_MALLOC_TUNE=0``.
+    Returns True when the setting is in effect. A no-op (False) off glibc, with
+    ``DASKPATH_MALLOC_TUNE=0``, or in a dask worker with a memory limit under
+    :data:`MALLOC_TUNE_MIN_LIMIT`.
     """
     global _TUNED
     if _TUNED:
         return True
     if os.environ.get("DASKPATH_MALLOC_TUNE", "1") in ("0", "false", "no", "off"):
+        return False
+    limit = _worker_memory_limit()
+    if limit is not None and limit < MALLOC_TUNE_MIN_LIMIT:
         return False
     with _TUNE_LOCK:
         if _TUNED:
