@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from daskpath.errors import ConfigError, ModelError, SlideError
+from daskpath.metrics import BINS, ratio_class  # the 3-class bins of metrics.json
 
 __all__ = [
     "SPEC_NAME",
@@ -43,18 +44,11 @@ SHIPPED: dict[str, dict[str, Path]] = {
 }
 #: Columns a tile table must have.
 TILE_COLUMNS = ("y0", "x0", "height", "width")
-#: Upper edges of the first two of the three Ki67 ratio classes (0-0.2, 0.2-0.5, 0.5-1).
-BINS = (0.2, 0.5)
 
 _TRAIN_CMD = {
     "rf": "python -m daskpath.baselines.rf OUT_DIR",
     "classifier": "python -m daskpath.baselines.classifier OUT_DIR",
 }
-
-
-def ratio_class(ratio: Any) -> np.ndarray:
-    """Class of a Ki67 ratio: 0 for ``[0, 0.2)``, 1 for ``[0.2, 0.5)``, 2 for ``[0.5, 1]``."""
-    return np.digitize(np.asarray(ratio, dtype=np.float64), BINS)
 
 
 def resolve_model(kind: str, model: str | os.PathLike[str]) -> Path:

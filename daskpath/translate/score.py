@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from daskpath.metrics import BINS, score  # one definition of the 3-class bins and the scores
+
 __all__ = [
     "BINS",
     "measure_dab_nuclei",
@@ -29,8 +31,6 @@ __all__ = [
     "image_similarity",
 ]
 
-#: 3-class bins of the Ki67 ratio (0-0.2, 0.2-0.5, 0.5-1).
-BINS = (0.2, 0.5)
 
 
 def measure_dab_nuclei(rgb: np.ndarray, *, mask_od: float = 0.26, dab_od: float = 0.15,
@@ -91,29 +91,19 @@ def truth_tile_ratios(truth: pd.DataFrame | str, shape: tuple[int, int], tile: i
     return tile_ratios_from_nuclei(df, shape, tile)
 
 
-def _bin(r: np.ndarray) -> np.ndarray:
-    return np.digitize(r, BINS)
-
-
 def ratio_metrics(pred: Sequence[float], true: Sequence[float]) -> dict:
     """Accuracy at |diff| <= 0.05/0.1/0.2, MSE, MAE, 3-class accuracy, balanced accuracy, confusion.
 
-    Pairs where either value is NaN are dropped (``n`` counts the rest).
+    :func:`daskpath.metrics.score` under the short keys of ``evaluation.json`` (``acc_0.05``,
+    ``acc3``, ``balanced_acc3``, ``confusion`` as a list, rows truth). Pairs where either value
+    is NaN are dropped (``n`` counts the rest).
     """
-    p, t = np.asarray(pred, float), np.asarray(true, float)
-    ok = np.isfinite(p) & np.isfinite(t)
-    p, t = p[ok], t[ok]
-    if not len(p):
+    m = score(np.asarray(pred, float), np.asarray(true, float))
+    if not m["n"]:
         return {"n": 0}
-    d = np.abs(p - t)
-    cp, ct = _bin(p), _bin(t)
-    conf = np.zeros((3, 3), int)
-    np.add.at(conf, (ct, cp), 1)
-    recalls = [conf[i, i] / conf[i].sum() for i in range(3) if conf[i].sum()]
-    return {"n": int(len(p)), "acc_0.05": float((d <= 0.05).mean()), "acc_0.1": float((d <= 0.1).mean()),
-            "acc_0.2": float((d <= 0.2).mean()), "mse": float((d**2).mean()), "mae": float(d.mean()),
-            "acc3": float((cp == ct).mean()), "balanced_acc3": float(np.mean(recalls)),
-            "confusion": conf.tolist()}
+    return {"n": m["n"], "acc_0.05": m["acc@0.05"], "acc_0.1": m["acc@0.1"], "acc_0.2": m["acc@0.2"],
+            "mse": m["mse"], "mae": m["mae"], "acc3": m["class_accuracy"],
+            "balanced_acc3": m["balanced_accuracy"], "confusion": m["confusion"]["rows_truth_cols_pred"]}
 
 
 def image_similarity(virtual: np.ndarray, real: np.ndarray, mask: np.ndarray | None = None) -> dict:
