@@ -221,12 +221,11 @@ def plan_preprocess(
     :mod:`daskpath.resume`). ``plan.sums`` is a Delayed giving (n_ty, n_tx, 3): per-tile sums of
     the H&E tissue mask, the IHC tissue mask and the SSIM map.
     """
-    from daskpath.io import open_pair, region_source
+    from daskpath.io import region_source
     from daskpath.resume import chunk_tasks, fingerprint
 
     out = output_dir
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else (out or Path(cfg.output_dir)) / "cache"
-    ds = open_pair(he, ihc, chunk_size=cfg.chunk_size, cache_dir=cache)
+    ds = _open_pair(he, ihc, cfg, out or Path(cfg.output_dir))
     he_a = ds["he"]
     chunks = (he_a.data.chunks[0], he_a.data.chunks[1])
     mpp = he_a.attrs.get("mpp")
@@ -591,6 +590,28 @@ def _stage_path(out: Path, slide: str, stage: str) -> Path:
     return out / "parts" / f"{slide}.{stage}.parquet"
 
 
+def _open_pair(he: str, ihc: str, cfg: Config, out: Path):
+    """The slide pair, flat rasters ingested under ``cache_dir`` (default ``<output_dir>/cache``)."""
+    from daskpath.io import open_pair
+
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    return open_pair(he, ihc, chunk_size=cfg.chunk_size, cache_dir=cache)
+
+
+def _kept_tiles(out: Path, slide: str, cfg: Config) -> tuple[pd.DataFrame, np.ndarray]:
+    """A slide's tile table from preprocessing and its keep mask under the current thresholds."""
+    tiles = read_table(_part_path(out, slide)).drop(columns=["mpp"], errors="ignore")
+    return tiles, keep_mask(tiles["tissue_fraction"], tiles["ssim"], cfg).to_numpy()
+
+
+def _done_table(part: Path, keep: np.ndarray) -> pd.DataFrame | None:
+    """A model stage's finished table when it measured every tile kept now (else ``None``)."""
+    done = read_table(part)
+    if "measured" in done.columns and done["measured"].to_numpy(bool)[keep].all():
+        return done
+    return None
+
+
 def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Path, client) -> None:
     """Run a model stage (nuclei on the real IHC, or translate + nuclei on the virtual IHC).
 
@@ -598,7 +619,6 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     and the nuclei table, atomically; a finished stage is skipped on a rerun.
     """
     from daskpath.cluster import check_runnable, model_annotations
-    from daskpath.io import open_pair
     from daskpath.nuclei import (
         chunks_in_region,
         default_depth,
@@ -610,21 +630,18 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     )
 
     part = _stage_path(out, slide, stage)
-    tiles = read_table(_part_path(out, slide)).drop(columns=["mpp"], errors="ignore")
-    keep = keep_mask(tiles["tissue_fraction"], tiles["ssim"], cfg)
+    tiles, keep = _kept_tiles(out, slide, cfg)
     if part.exists() and not cfg.overwrite:
-        done = read_table(part)
-        if "measured" in done.columns and done["measured"].to_numpy(bool)[keep.to_numpy()].all():
+        if _done_table(part, keep) is not None:
             log.info("slide %s: stage %s already done", slide, stage)
             return
         log.info("slide %s: stage %s: kept tiles changed since it ran, measuring again", slide, stage)
     # nuclei are needed on kept tiles only: StarDist runs on the chunks that meet one, chunks of
     # nuclei.chunk_size (default the tile size, so no more than the kept tiles + halo)
     nchunk = cfg.nuclei.chunk_size or cfg.tiles.size
-    kept = tiles[keep.to_numpy()]
+    kept = tiles[keep]
     region = list(zip(kept["y0"], kept["y0"] + kept["height"], kept["x0"], kept["x0"] + kept["width"]))
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-    ds = open_pair(he, ihc, chunk_size=cfg.chunk_size, cache_dir=cache)
+    ds = _open_pair(he, ihc, cfg, out)
     ann = model_annotations(client)
     check_runnable(client, ann)
     resources = ann.get("resources")
@@ -683,7 +700,7 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
         replace_dir(tmp, vdir)
         image = da.from_zarr(str(vdir)).rechunk((nchunk, nchunk, 3))
         suffix, source = "virtual", "virtual"
-        similarity = _tile_similarity(client, image, ds["ihc"].data, tiles, keep.to_numpy())
+        similarity = _tile_similarity(client, image, ds["ihc"].data, tiles, keep)
     labels_dir = None
     if cfg.nuclei.method == "nucleus":
         # label image with globally unique ids (= nucleus table ids), written in the same pass
@@ -703,11 +720,11 @@ def _model_stage(stage: str, slide: str, he: str, ihc: str, cfg: Config, out: Pa
     ratios = tile_ratios(df, tiles, suffix=suffix)
     cols = [f"ratio_{suffix}", f"ki67_index_{suffix}"]
     # per-tile ratios are reported on kept tiles only (the others are not comparable)
-    ratios.loc[~keep.to_numpy(), cols] = np.nan
+    ratios.loc[~keep, cols] = np.nan
     # area and counts per tile, for slide-level area-weighted aggregation
     agg = tile_sums(df, tiles)
     stage_tab = pd.concat([ratios[["slide", "y0", "x0"] + cols], agg.add_suffix(f"_{suffix}")], axis=1)
-    stage_tab["measured"] = keep.to_numpy()  # tiles whose nuclei are complete in this table
+    stage_tab["measured"] = keep  # tiles whose nuclei are complete in this table
     if stage == "translate":
         stage_tab["ssim_virtual"] = similarity[:, 0]
         stage_tab["psnr_virtual"] = similarity[:, 1]
@@ -731,19 +748,17 @@ def _baselines_stage(slide: str, he: str, ihc: str, cfg: Config, out: Path, clie
     """
     from daskpath.baselines import predict_tiles_classifier, predict_tiles_rf
     from daskpath.cluster import check_runnable, model_annotations
-    from daskpath.io import open_pair
 
     part = _stage_path(out, slide, "baselines")
-    tiles = read_table(_part_path(out, slide)).drop(columns=["mpp"], errors="ignore")
-    keep = keep_mask(tiles["tissue_fraction"], tiles["ssim"], cfg).to_numpy()
+    tiles, keep = _kept_tiles(out, slide, cfg)
     if part.exists() and not cfg.overwrite:
-        done = read_table(part)
-        methods_done = {c.removeprefix("ratio_") for c in done.columns if c.startswith("ratio_")}
-        if done["measured"].to_numpy(bool)[keep].all() and set(cfg.baselines.methods) <= methods_done:
+        done = _done_table(part, keep)
+        methods_done = {c.removeprefix("ratio_") for c in done.columns if c.startswith("ratio_")} \
+            if done is not None else set()
+        if set(cfg.baselines.methods) <= methods_done:
             log.info("slide %s: stage baselines already done", slide)
             return
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-    ds = open_pair(he, ihc, chunk_size=cfg.chunk_size, cache_dir=cache)
+    ds = _open_pair(he, ihc, cfg, out)
     kept = tiles.loc[keep, ["y0", "x0", "height", "width"]].reset_index(drop=True)
     tab = tiles[["slide", "y0", "x0"]].copy()
     idx = np.flatnonzero(keep)
