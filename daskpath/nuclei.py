@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from daskpath._process_cache import cached
 from daskpath.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # pandas is imported where used, to keep ``import daskpath.nuclei`` light
@@ -121,8 +121,6 @@ class ModelRef:
         return Path(self.key).name if self.kind == "folder" else self.key
 
 
-_LOCK = threading.Lock()
-_MODELS: dict[str, Any] = {}
 _REFS: dict[str, ModelRef] = {}
 _TF_READY = False
 
@@ -218,46 +216,43 @@ def load_stardist(model: str | Path | ModelRef):
         Path(model.key) if isinstance(model, ModelRef) else _folder_of(model)
     )
     cache_key = str(folder) if folder is not None else key
-    m = _MODELS.get(cache_key)
-    if m is not None:
-        return m
-    with _LOCK:
-        m = _MODELS.get(cache_key)
-        if m is not None:
-            return m
-        if folder is not None:
-            _check_folder(folder)
-        _configure_tensorflow()
-        from stardist.models import StarDist2D
+    return cached(("stardist", cache_key), lambda: _build_stardist(folder, key))
 
-        sink = io.StringIO()
-        if folder is not None:
-            try:
-                with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                    m = StarDist2D(None, name=folder.name, basedir=str(folder.parent))
-            except Exception as e:  # noqa: BLE001 - anything from keras/h5py means a bad folder
-                raise ModelError(
-                    f"cannot load StarDist model from {folder}: {type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''} (re-train or re-copy the folder)"
-                ) from None
-        else:
-            try:
-                with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                    m = StarDist2D.from_pretrained(key)
-            except Exception as e:  # noqa: BLE001 - network / keras errors
-                raise ModelError(
-                    f"cannot download published StarDist model {key!r} ({type(e).__name__}); "
-                    "offline? Download it once elsewhere and set nuclei.model to its local folder "
-                    "(the one holding config.json and weights_best.h5), or use the shipped "
-                    "model 'phantom'"
-                ) from None
-            if m is None:
-                raise ModelError(
-                    f"unknown published StarDist model {key!r}: use one of "
-                    f"{', '.join(PUBLISHED_MODELS)} or a local model folder"
-                )
-        _MODELS[cache_key] = m
-        return m
+
+def _build_stardist(folder: Path | None, key: str):
+    """Load a StarDist2D from ``folder``, or the published model ``key`` (online)."""
+    if folder is not None:
+        _check_folder(folder)
+    _configure_tensorflow()
+    from stardist.models import StarDist2D
+
+    sink = io.StringIO()
+    if folder is not None:
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                m = StarDist2D(None, name=folder.name, basedir=str(folder.parent))
+        except Exception as e:  # noqa: BLE001 - anything from keras/h5py means a bad folder
+            raise ModelError(
+                f"cannot load StarDist model from {folder}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''} (re-train or re-copy the folder)"
+            ) from None
+    else:
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                m = StarDist2D.from_pretrained(key)
+        except Exception as e:  # noqa: BLE001 - network / keras errors
+            raise ModelError(
+                f"cannot download published StarDist model {key!r} ({type(e).__name__}); "
+                "offline? Download it once elsewhere and set nuclei.model to its local folder "
+                "(the one holding config.json and weights_best.h5), or use the shipped "
+                "model 'phantom'"
+            ) from None
+        if m is None:
+            raise ModelError(
+                f"unknown published StarDist model {key!r}: use one of "
+                f"{', '.join(PUBLISHED_MODELS)} or a local model folder"
+            )
+    return m
 
 
 def _spec_of(folder: Path) -> dict[str, Any]:

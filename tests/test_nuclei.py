@@ -428,7 +428,9 @@ def test_offline_published_name(monkeypatch):
         raise OSError("URL fetch failure on https://github.com/...: [Errno -3] name resolution")
 
     monkeypatch.setattr(StarDist2D, "from_pretrained", classmethod(lambda cls, name: offline()))
-    nuclei._MODELS.pop("2D_versatile_fluo", None)
+    from daskpath._process_cache import _CACHE
+
+    _CACHE.pop(("stardist", "2D_versatile_fluo"), None)
     with pytest.raises(ModelError, match="local folder") as e:
         nuclei.load_stardist("2D_versatile_fluo")
     assert "\n" not in str(e.value)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from daskpath._process_cache import cached  # noqa: F401 - re-exported for the baselines
 from daskpath.errors import ConfigError, ModelError, SlideError
 from daskpath.metrics import BINS, ratio_class  # the 3-class bins of metrics.json
 
@@ -166,27 +166,6 @@ def check_tiles(tiles: Any, shape: Sequence[int]):
             f"outside the {h} x {w} image; build tiles with daskpath.tiles.tile_grid(image shape, size)"
         )
     return out
-
-
-_LOCK = threading.Lock()
-_CACHE: dict[tuple, Any] = {}
-
-
-def cached(key: tuple, build: Callable[[], Any]) -> Any:
-    """``build()`` once per process for ``key`` (double-checked under a lock), then reuse it.
-
-    Models are loaded through this inside tasks, so every worker process loads a model once and
-    the task graph only carries the folder path.
-    """
-    value = _CACHE.get(key)
-    if value is not None:
-        return value
-    with _LOCK:
-        value = _CACHE.get(key)
-        if value is None:
-            value = build()
-            _CACHE[key] = value
-    return value
 
 
 def task_threads(requested: int | None = None) -> int | None:

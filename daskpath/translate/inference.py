@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from daskpath._process_cache import cached
 from daskpath.errors import ConfigError, ModelError
 from daskpath.translate.checkpoints import GeneratorSpec, load_generator, read_spec, _resolve
 
@@ -157,7 +158,6 @@ def resolve_translator(model: str | os.PathLike[str] | TranslatorRef,
 
 
 _LOCK = threading.Lock()
-_CACHE: dict[tuple, Any] = {}
 
 
 def _torch_threads() -> None:
@@ -248,38 +248,35 @@ def _device(device: str | None):
 def get_generator(ref: TranslatorRef, device: str | None = None):
     """The generator for ``ref`` on ``device``, built once per process (under a lock)."""
     dev = _device(device)
-    key = (*ref.key, str(dev))
-    net = _CACHE.get(key)
-    if net is not None:
-        return net
-    with _LOCK:
-        net = _CACHE.get(key)
-        if net is None:
-            _torch_threads()
-            net, _ = load_generator(ref.model, ref.spec, device="cpu", eval=ref.norm != "tile")
-            if ref.norm == "slide":
-                if ref.stats is None:
-                    raise ModelError(f"{ref.model}: norm 'slide' needs statistics; "
-                                     "use slide_norm_stats() or translate(norm_stats='slide')")
-                freeze_norm(net, ref.stats)
-                fold_norm(net)
-            elif ref.norm == "running":
-                fold_norm(net)
-            elif ref.norm == "tile":
-                _tile_norm_mode(net)
-            net.to(dev)
-            if dev.type == "cuda":
-                import torch
+    return cached(("generator", *ref.key, str(dev)), lambda: _build_generator(ref, dev))
 
-                net = net.to(memory_format=torch.channels_last)
-            elif ref.optimize and ref.norm != "tile":
-                from daskpath.translate.fast import fast_generator, tune_malloc
 
-                fast = fast_generator(net, ref.spec.input_mean, ref.spec.input_std)
-                if fast is not None:
-                    tune_malloc()
-                    net = fast
-            _CACHE[key] = net
+def _build_generator(ref: TranslatorRef, dev):
+    """Load the generator of ``ref``, set its norms for inference and move it to ``dev``."""
+    _torch_threads()
+    net, _ = load_generator(ref.model, ref.spec, device="cpu", eval=ref.norm != "tile")
+    if ref.norm == "slide":
+        if ref.stats is None:
+            raise ModelError(f"{ref.model}: norm 'slide' needs statistics; "
+                             "use slide_norm_stats() or translate(norm_stats='slide')")
+        freeze_norm(net, ref.stats)
+        fold_norm(net)
+    elif ref.norm == "running":
+        fold_norm(net)
+    elif ref.norm == "tile":
+        _tile_norm_mode(net)
+    net.to(dev)
+    if dev.type == "cuda":
+        import torch
+
+        net = net.to(memory_format=torch.channels_last)
+    elif ref.optimize and ref.norm != "tile":
+        from daskpath.translate.fast import fast_generator, tune_malloc
+
+        fast = fast_generator(net, ref.spec.input_mean, ref.spec.input_std)
+        if fast is not None:
+            tune_malloc()
+            net = fast
     return net
 
 
