@@ -1,4 +1,9 @@
-"""Configuration: one YAML of defaults shipped with the package, validated into frozen dataclasses.
+"""Configuration: defaults in frozen dataclasses; a user's YAML and ``--set`` validated into them.
+
+The dataclasses below are the one source of the defaults (:func:`defaults_from_dataclasses`).
+``daskpath/default.yaml`` (copied to ``configs/default.yaml``) documents every key with its
+default and a comment; it is not read at run time, and a test keeps it equal to the dataclasses,
+key for key and value for value.
 
 Precedence: package defaults < the user's YAML file < ``--set dotted.key=value`` overrides.
 Validation happens before any work starts: an unknown key, a value of the wrong type or out of
@@ -13,7 +18,6 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +29,14 @@ __all__ = [
     "STAGES",
     "Config",
     "default_dict",
+    "defaults_from_dataclasses",
     "load_config",
     "parse_set",
 ]
 
-STAGES = ("preprocess", "nuclei", "translate", "baselines")
+from daskpath.stages import stage_names  # noqa: E402 - the stage registry (no stage imported)
+
+STAGES = stage_names()
 CLUSTER_KINDS = ("local", "local-cuda", "slurm", "kubernetes", "address")
 AVAILABLE_CLUSTERS = CLUSTER_KINDS
 
@@ -174,16 +181,37 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML-serialisable)."""
-        d = dataclasses.asdict(self)
-        d["stages"] = list(self.stages)
-        return d
+        """Plain nested dict of YAML types (mappings, lists, scalars)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples turned into lists, recursively (what ``yaml.safe_load`` gives)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def defaults_from_dataclasses() -> dict[str, Any]:
+    """Every config key with its default, from the dataclasses (the one source of defaults).
+
+    Returns
+    -------
+    dict
+        Nested like the YAML (``{"tiles": {"size": 1024, ...}, ...}``), in field order, with
+        YAML types: ``default.yaml`` parsed with ``yaml.safe_load`` equals it.
+    """
+    return Config().to_dict()
 
 
 def default_dict() -> dict[str, Any]:
-    """The package's default configuration as a nested dict (read at call time)."""
-    text = resources.files("daskpath").joinpath("default.yaml").read_text()
-    return yaml.safe_load(text)
+    """The package's default configuration as a nested dict (built at call time).
+
+    The same as :func:`defaults_from_dataclasses`; ``default.yaml`` documents these values.
+    """
+    return defaults_from_dataclasses()
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -41,7 +41,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from daskpath.errors import ManifestError, PairMismatchError, SlideError
+from daskpath.errors import (
+    InvalidInputError,
+    ManifestError,
+    ManifestNotFoundError,
+    PairMismatchError,
+    SlideError,
+    SlideNotFoundError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -133,8 +140,8 @@ class _Meta:
 def _detect(path: Path) -> str:
     """Return ``"zarr"``, ``"tiff"``, ``"png"`` or ``"jpeg"``; raise SlideError otherwise."""
     if not path.exists():
-        raise SlideError(f"slide file {path} does not exist: check the path (relative paths are "
-                         f"resolved against {Path.cwd()})")
+        raise SlideNotFoundError(f"slide file {path} does not exist: check the path (relative "
+                                 f"paths are resolved against {Path.cwd()})")
     if path.is_dir():
         if any((path / name).exists() for name in ("zarr.json", ".zattrs", ".zgroup")):
             return "zarr"
@@ -430,8 +437,8 @@ def _cached_level_array(path: str, mtime_ns: int, level: int) -> Any:
         try:
             now = os.stat(path).st_mtime_ns
         except OSError:
-            raise SlideError(f"slide file {path} disappeared after it was opened: restore it or "
-                             "reopen the slide") from None
+            raise SlideNotFoundError(f"slide file {path} disappeared after it was opened: restore "
+                                     "it or reopen the slide") from None
         if now != mtime_ns:
             raise SlideError(f"slide file {path} changed after it was opened (mtime differs): "
                              "reopen the slide with open_slide")
@@ -542,7 +549,8 @@ def region_source(slide: xr.DataArray) -> Any:
     """
     src = slide.attrs.get("source")
     if src is None:
-        raise ValueError("region_source: this DataArray was not opened by daskpath.io.open_slide")
+        raise InvalidInputError("region_source: this DataArray was not opened by "
+                                "daskpath.io.open_slide; open the slide with open_slide")
     return src
 
 
@@ -560,8 +568,9 @@ def _check_chunk_size(chunk_size: object) -> None:
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or \
             chunk_size <= 0:
-        raise SlideError(f"chunk_size={chunk_size!r} is invalid: give a positive number of pixels "
-                         "per chunk side (e.g. 2048), or leave it unset to align with the tiles")
+        raise InvalidInputError(f"chunk_size={chunk_size!r} is invalid: give a positive number of "
+                                "pixels per chunk side (e.g. 2048), or leave it unset to align "
+                                "with the tiles")
 
 
 def _choose_chunks(tile: tuple[int, int], chunk_size: int | None, what: str) -> tuple[int, int]:
@@ -684,9 +693,13 @@ def open_slide(path: PathLike, chunk_size: int | None = None, level: int = 0,
 
     Raises
     ------
+    SlideNotFoundError
+        The file does not exist (a :class:`FileNotFoundError` too).
     SlideError
-        The file is missing, empty, not an image, corrupt or truncated (structure checked now,
-        pixel data at compute time), not 8-bit RGB(A), or a flat raster without ``cache_dir``.
+        The file is empty, not an image, corrupt or truncated (structure checked now, pixel
+        data at compute time), not 8-bit RGB(A), or a flat raster without ``cache_dir``.
+    InvalidInputError
+        ``chunk_size`` is not a positive integer.
 
     Notes
     -----
@@ -778,16 +791,18 @@ def read_manifest(path: PathLike) -> pd.DataFrame:
 
     Raises
     ------
+    ManifestNotFoundError
+        The file does not exist (a :class:`FileNotFoundError` too).
     ManifestError
-        Missing or unreadable file, missing columns, empty cells, no rows, or duplicate slide
-        ids (named in the message).
+        Unreadable file, missing columns, empty cells, no rows, or duplicate slide ids (named
+        in the message).
     """
     import pandas as pd
 
     p = Path(path).expanduser().absolute()
     if not p.is_file():
-        raise ManifestError(f"manifest {p} does not exist: check the `slides` key / path, or write "
-                            "one with `daskpath synth`")
+        raise ManifestNotFoundError(f"manifest {p} does not exist: check the `slides` key / path, "
+                                    "or write one with `daskpath synth`")
     try:
         df = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
@@ -979,8 +994,9 @@ def ingest(src: PathLike, dst: PathLike | None = None, chunk_size: int = DEFAULT
     Raises
     ------
     SlideError
-        Bad input (as :func:`open_slide`), corrupt or truncated pixel data, existing ``dst``,
-        bad ``chunk_size``.
+        Bad input (as :func:`open_slide`), corrupt or truncated pixel data, existing ``dst``.
+    InvalidInputError
+        ``chunk_size`` is not a multiple of 16.
 
     Notes
     -----
@@ -1010,8 +1026,8 @@ def ingest(src: PathLike, dst: PathLike | None = None, chunk_size: int = DEFAULT
         raise SlideError(f"{src_p} is already an OME-Zarr: open it directly with open_slide")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or \
             chunk_size < 16 or chunk_size % 16:
-        raise SlideError(f"ingest chunk_size={chunk_size!r} is invalid: give a multiple of 16 "
-                         "(default 1024)")
+        raise InvalidInputError(f"ingest chunk_size={chunk_size!r} is invalid: give a multiple of "
+                                "16 (default 1024)")
     chunk = int(chunk_size)
     dst_p = (Path(dst).expanduser().absolute() if dst is not None
              else src_p.parent / (_strip_suffixes(src_p.name) + ".ome.zarr"))

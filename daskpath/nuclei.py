@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from daskpath._process_cache import cached
-from daskpath.errors import ConfigError, ModelError
+from daskpath.errors import InvalidInputError, ModelError, ModelNotFoundError
 
 if TYPE_CHECKING:  # pandas is imported where used, to keep ``import daskpath.nuclei`` light
     import pandas as pd
@@ -164,7 +164,7 @@ def _folder_of(model: str | Path) -> Path | None:
 
 def _check_folder(folder: Path) -> dict[str, Any]:
     if not folder.exists():
-        raise ModelError(
+        raise ModelNotFoundError(
             f"StarDist model folder {folder} does not exist: give a folder with config.json and "
             f"weights, a shipped name ({', '.join(SHIPPED_MODELS)}) or a published name "
             f"({', '.join(PUBLISHED_MODELS[:2])})"
@@ -344,26 +344,15 @@ def slide_percentiles(
     return float(lo), float(hi)
 
 
-def _ceil_to(v: int, m: int) -> int:
-    return int(math.ceil(v / m) * m)
-
-
 def default_depth(ref: ModelRef, max_nucleus_diameter: int | None = None) -> int:
-    """Halo rule: ``ceil_to(receptive_field + max_nucleus_diameter, lcm(div_by))``."""
+    """Halo rule: ``ceil_to(receptive_field + max_nucleus_diameter, lcm(div_by))``.
+
+    ``receptive_field`` is StarDist's per-side tile overlap; see :func:`daskpath._halo.halo_depth`.
+    """
+    from daskpath._halo import halo_depth
+
     d = ref.max_nucleus_diameter if max_nucleus_diameter is None else int(max_nucleus_diameter)
-    return _ceil_to(ref.receptive_field + d, math.lcm(*ref.div_by))
-
-
-def _aligned_chunks(chunks: tuple[int, ...], size: int, m: int, depth: int) -> tuple[int, ...]:
-    """Chunk sizes that are multiples of ``m`` (but the last) and no smaller than ``depth``."""
-    chunks = tuple(int(c) for c in chunks)
-    if any(c % m for c in chunks[:-1]) or any(c < depth for c in chunks[:-1]):
-        target = max(m, _ceil_to(depth, m), int(round(np.median(chunks) / m)) * m)
-        n, r = divmod(size, target)
-        chunks = (target,) * n + ((r,) if r else ())
-    if len(chunks) > 1 and chunks[-1] < depth:  # merge a thin last chunk into its neighbour
-        chunks = chunks[:-2] + (chunks[-2] + chunks[-1],)
-    return chunks
+    return halo_depth(ref.receptive_field, max_object=d, multiple=math.lcm(*ref.div_by))
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +427,7 @@ def _segment_block(
     ncols = -(-W // gx)
     gid = (pts[:, 0] // gy) * ncols + pts[:, 1] // gx + 1
     if gid.max() > np.iinfo(np.int32).max:
-        raise ConfigError(f"slide {H}x{W} too large for int32 label ids with grid {ref.grid}")
+        raise InvalidInputError(f"slide {H}x{W} too large for int32 label ids with grid {ref.grid}")
     lut = np.concatenate([[0], gid]).astype(np.int32)
 
     cen = _polygon_centroids(np.asarray(det["coord"])) + np.array([oy, ox])
@@ -509,6 +498,8 @@ def segment_nuclei(
     max_nucleus_diameter: int | None = None,
     resources: dict[str, float] | None = None,
     region: Sequence[tuple[int, int, int, int]] | None = None,
+    labels_store: str | os.PathLike[str] | None = None,
+    record_dir: str | os.PathLike[str] | None = None,
 ):
     """Lazy StarDist segmentation of a slide over dask chunks, each nucleus owned by one chunk.
 
@@ -540,6 +531,13 @@ def segment_nuclei(
         whose core intersects one are segmented (with their full halo); the others run nothing
         and give no nuclei and zero labels. A nucleus whose centroid lies in a rectangle is owned
         by a segmented chunk, so it is found exactly as in a whole-slide run. ``None``: all.
+    labels_store : path, optional
+        A zarr array path: each chunk task writes its core labels there itself (the zarr chunks
+        are the work chunks, so every zarr chunk has one writer). An existing array of the same
+        shape and chunks is reused (a resumed run keeps the chunks already written).
+    record_dir : path, optional
+        Record each chunk's nucleus table as ``record_dir/<i>_<j>.parquet`` (written after its
+        labels); on a rerun recorded chunks are loaded, not segmented again (resume).
 
     Notes
     -----
@@ -557,10 +555,13 @@ def segment_nuclei(
         One row per nucleus: ``id, y, x`` (global polygon centroid), ``area`` (pixels),
         ``prob`` [, ``dab_od``], ``polygon`` (StarDist's star-convex outline in slide pixels,
         ``(y, x)`` per ray flattened to ``2 * n_rays`` float32), sorted by (y, x). Compute both together
-        (``dask.compute(labels, table)``) to run StarDist once.
+        (``dask.compute(labels, table)``) to run StarDist once. With ``labels_store`` the labels
+        are ``da.from_zarr(labels_store)``, complete once ``table`` is computed.
     """
     import dask
     import dask.array as da
+
+    from daskpath._halo import align_chunks, ceil_to
 
     ref = resolve_model(model)
     if max_nucleus_diameter is not None:
@@ -571,7 +572,7 @@ def segment_nuclei(
     if image.ndim == 3 and ref.n_channel_in == 1 and image.shape[-1] == 1:
         image = image[..., 0]
     if image.ndim != expect_nd or (expect_nd == 3 and image.shape[-1] != ref.n_channel_in):
-        raise ConfigError(
+        raise InvalidInputError(
             f"model {ref.name!r} takes {ref.n_channel_in} channel(s) ({ref.input}); got an image "
             f"of shape {image.shape}"
         )
@@ -579,16 +580,17 @@ def segment_nuclei(
         if not isinstance(dab, da.Array):
             dab = da.asarray(dab)
         if dab.shape != image.shape[:2]:
-            raise ConfigError(f"dab channel shape {dab.shape} != image shape {image.shape[:2]}")
+            raise InvalidInputError(f"dab channel shape {dab.shape} != image shape {image.shape[:2]}")
     m = math.lcm(*ref.div_by)
     if depth is None:
         depth = default_depth(ref)
     if depth < 0:
-        raise ConfigError(f"depth must be >= 0, got {depth}")
-    depth = _ceil_to(int(depth), m)
+        raise InvalidInputError(f"depth must be >= 0 px (or None for the default), got {depth}")
+    depth = ceil_to(int(depth), m)
     H, W = image.shape[:2]
-    cy = _aligned_chunks(image.chunks[0], H, m, depth)
-    cx = _aligned_chunks(image.chunks[1], W, m, depth)
+    # chunks: multiples of the network's div_by, none thinner than the halo (one rule: _halo)
+    cy = align_chunks(image.chunks[0], H, multiple=m, min_size=depth)
+    cx = align_chunks(image.chunks[1], W, multiple=m, min_size=depth)
     image = image.rechunk((cy, cx) + ((image.shape[2],) if image.ndim == 3 else ()))
     if dab is not None:
         dab = dab.rechunk((cy, cx))
@@ -596,7 +598,7 @@ def segment_nuclei(
         normalize_percentiles = slide_percentiles(image, ref.percentiles)
     lo, hi = (float(v) for v in normalize_percentiles)
     if not hi > lo:
-        raise ConfigError(f"normalize_percentiles must satisfy lo < hi, got {(lo, hi)}")
+        raise InvalidInputError(f"normalize_percentiles must satisfy lo < hi, got {(lo, hi)}")
 
     dep = {0: depth, 1: depth} | ({2: 0} if image.ndim == 3 else {})
     img_o = da.overlap.overlap(image, depth=dep, boundary="none")
@@ -610,6 +612,14 @@ def segment_nuclei(
     wanted = chunks_in_region(ystarts, xstarts, region)
     owners = None if wanted.all() else (ystarts, xstarts, wanted)
     fn = dask.delayed(_segment_block, pure=True, nout=2)
+    in_task = labels_store is not None or record_dir is not None
+    if labels_store is not None:
+        labels_store = str(labels_store)
+        _labels_array(labels_store, (H, W), (int(cy[0]), int(cx[0])))
+    if record_dir is not None:
+        from daskpath.resume import recorded
+
+        Path(record_dir).mkdir(parents=True, exist_ok=True)
     rows, parts = [], []
     ctx = dask.annotate(resources=resources) if resources else contextlib.nullcontext()
     with ctx:
@@ -624,6 +634,16 @@ def segment_nuclei(
                 origin = (max(0, y0 - depth), max(0, x0 - depth))
                 blk = img_blocks[(i, j, 0)] if image.ndim == 3 else img_blocks[i, j]
                 dblk = dab_blocks[i, j] if dab_blocks is not None else None
+                if in_task:
+                    tab = dask.delayed(_segment_chunk, pure=True)(
+                        blk, dblk, labels_store=labels_store, ref=ref, origin=origin,
+                        core=(y0, y1, x0, x1), shape=(H, W), norm=(lo, hi),
+                        prob_thresh=prob_thresh, nms_thresh=nms_thresh, owners=owners,
+                    )
+                    if record_dir is not None:
+                        tab, _ = recorded(tab, Path(record_dir) / f"{i}_{j}.parquet", "parquet")
+                    parts.append(tab)
+                    continue
                 lab, tab = fn(
                     blk, dblk, ref=ref, origin=origin, core=(y0, y1, x0, x1), shape=(H, W),
                     norm=(lo, hi), prob_thresh=prob_thresh, nms_thresh=nms_thresh,
@@ -633,12 +653,37 @@ def segment_nuclei(
                                            meta=np.empty((0, 0), np.int32)))
                 parts.append(tab)
             rows.append(row)
-    labels = da.block(rows)
+    labels = da.from_zarr(labels_store) if labels_store is not None else None if in_task else da.block(rows)
     if parts:
         table = dask.delayed(_concat, pure=True)(parts)
     else:
         table = dask.delayed(_table, pure=True)(_EMPTY, dab is not None)
     return labels, table
+
+
+def _labels_array(path: str, shape: tuple[int, int], chunks: tuple[int, int]) -> None:
+    """Create the int32 label array at ``path`` unless one of this shape and chunking exists."""
+    import zarr
+
+    try:
+        z = zarr.open_array(path, mode="r")
+        if z.shape == tuple(shape) and z.chunks == tuple(chunks) and z.dtype == np.int32:
+            return
+    except Exception:  # noqa: BLE001 - missing or unreadable: (re)create
+        pass
+    zarr.open_array(path, mode="w", shape=shape, chunks=chunks, dtype=np.int32, fill_value=0)
+
+
+def _segment_chunk(img, dab, *, labels_store: str | None, core: tuple[int, int, int, int],
+                   **kw: Any) -> pd.DataFrame:
+    """:func:`_segment_block`, writing the core labels to ``labels_store``; returns the table."""
+    lab, tab = _segment_block(img, dab, core=core, **kw)
+    if labels_store is not None:
+        import zarr
+
+        y0, y1, x0, x1 = core
+        zarr.open_array(labels_store, mode="r+")[y0:y1, x0:x1] = lab
+    return tab
 
 
 def chunks_in_region(
@@ -695,6 +740,8 @@ def measure_nuclei(
     labels_store=None,
     resources: dict[str, float] | None = None,
     region: Sequence[tuple[int, int, int, int]] | None = None,
+    record_dir: str | os.PathLike[str] | None = None,
+    compute: bool = True,
 ) -> pd.DataFrame:
     """Segment and classify the nuclei of one IHC slide; one row per nucleus.
 
@@ -719,7 +766,14 @@ def measure_nuclei(
         or given.
     labels_store : zarr array / path / mapping, optional
         Where to write the label image (globally unique ids; ``method="nucleus"`` only); written in
-        the same pass as the table.
+        the same pass as the table. A path is written by the chunk tasks themselves (see
+        :func:`segment_nuclei`), which a resumed run needs.
+    record_dir : path, optional
+        Record each chunk's nuclei there; a rerun loads recorded chunks instead of segmenting
+        them again (see :func:`segment_nuclei`).
+    compute : bool
+        ``False``: return a :class:`dask.delayed.Delayed` of the table (slide-level statistics,
+        normalisation and stain vectors, are still computed here); submit it to a cluster.
     region : sequence of (y0, y1, x0, x1), optional
         Segment only the chunks meeting these rectangles (e.g. the kept tiles); see
         :func:`segment_nuclei`. Normalisation and stain vectors still come from the whole slide.
@@ -737,15 +791,15 @@ def measure_nuclei(
     from daskpath import stain
 
     if method not in ("nucleus", "two-channel"):
-        raise ConfigError(f"nuclei method must be 'nucleus' or 'two-channel', got {method!r}")
+        raise InvalidInputError(f"nuclei method must be 'nucleus' or 'two-channel', got {method!r}")
     if not (dab_threshold == "auto" or isinstance(dab_threshold, (int, float))):
-        raise ConfigError(f"dab_threshold must be a number or 'auto', got {dab_threshold!r}")
+        raise InvalidInputError(f"dab_threshold must be a number or 'auto', got {dab_threshold!r}")
     if not isinstance(ihc_rgb, da.Array):
         ihc_rgb = da.asarray(ihc_rgb)
     ref = resolve_model(model)
     if isinstance(stain_matrix, str):
         if stain_matrix != "macenko":
-            raise ConfigError(
+            raise InvalidInputError(
                 f"stain_matrix must be None, 'macenko' or a matrix, got {stain_matrix!r}"
             )
         sm = stain.estimate_stain_vectors_macenko(stain.sample_pixels(ihc_rgb))
@@ -765,37 +819,62 @@ def measure_nuclei(
         else:
             image = ihc_rgb.astype(np.float32)
         norm = slide_percentiles(image, ref.percentiles)
-        labels, table = segment_nuclei(image, ref, normalize_percentiles=norm, dab=dab, **kw)
-        if labels_store is not None:
+        in_task = labels_store is None or isinstance(labels_store, (str, os.PathLike))
+        labels, table = segment_nuclei(image, ref, normalize_percentiles=norm, dab=dab,
+                                       labels_store=labels_store if in_task else None,
+                                       record_dir=record_dir, **kw)
+        if not in_task:  # a zarr array or mapping: written by dask alongside the table
             store = da.to_zarr(labels, labels_store, compute=False, overwrite=True)
-            _, df = dask.compute(store, table)
-        else:
-            (df,) = dask.compute(table)
-        thr = _otsu(df["dab_od"].to_numpy()) if dab_threshold == "auto" else float(dab_threshold)
-        df["positive"] = df["dab_od"] > thr
-        df["channel"] = "h+dab" if ref.n_channel_in == 1 else "rgb"
-        attrs |= {"dab_threshold": thr, "dab_threshold_mode": "auto" if dab_threshold == "auto"
-                  else "fixed", "normalize": list(norm)}
+            table = dask.delayed(_first, pure=True)(table, store)
+        attrs |= {"dab_threshold_mode": "auto" if dab_threshold == "auto" else "fixed",
+                  "normalize": list(norm)}
+        result = dask.delayed(_classify_nucleus, pure=True)(
+            table, dab_threshold, "h+dab" if ref.n_channel_in == 1 else "rgb", attrs)
     else:
         if ref.n_channel_in != 1:
-            raise ConfigError(
+            raise InvalidInputError(
                 f"method 'two-channel' needs a 1-channel StarDist model; {ref.name!r} takes "
                 f"{ref.n_channel_in}"
             )
         nh = slide_percentiles(h, ref.percentiles)
         nd = slide_percentiles(dab, ref.percentiles)
-        _, th = segment_nuclei(h, ref, normalize_percentiles=nh, dab=dab, **kw)
-        _, td = segment_nuclei(dab, ref, normalize_percentiles=nd, dab=dab, **kw)
-        dfh, dfd = dask.compute(th, td)
-        dfh["positive"], dfh["channel"] = False, "hematoxylin"
-        dfd["positive"], dfd["channel"] = True, "dab"
-        df = pd.concat([dfd, dfh], ignore_index=True)
-        attrs |= {"normalize_h": list(nh), "normalize_dab": list(nd),
-                  "n_dab": int(len(dfd)), "n_hematoxylin": int(len(dfh))}
+        rec = (lambda sub: None) if record_dir is None else (lambda sub: Path(record_dir) / sub)
+        _, th = segment_nuclei(h, ref, normalize_percentiles=nh, dab=dab, record_dir=rec("h"), **kw)
+        _, td = segment_nuclei(dab, ref, normalize_percentiles=nd, dab=dab, record_dir=rec("dab"), **kw)
+        attrs |= {"normalize_h": list(nh), "normalize_dab": list(nd)}
+        result = dask.delayed(_classify_two_channel, pure=True)(th, td, attrs)
+    return result.compute() if compute else result
+
+
+def _first(a: Any, *_: Any) -> Any:
+    return a
+
+
+def _finish_table(df: pd.DataFrame, attrs: dict[str, Any]) -> pd.DataFrame:
     df["positive"] = df["positive"].astype(bool)
     df = df[[c for c in NUCLEI_COLUMNS if c in df.columns]]
     df.attrs.update(attrs)
     return df
+
+
+def _classify_nucleus(df: pd.DataFrame, dab_threshold: float | str, channel: str,
+                      attrs: dict[str, Any]) -> pd.DataFrame:
+    """Positive = mean DAB OD above the threshold (``"auto"``: Otsu over this slide's nuclei)."""
+    df = df.copy()
+    thr = _otsu(df["dab_od"].to_numpy()) if dab_threshold == "auto" else float(dab_threshold)
+    df["positive"] = df["dab_od"] > thr
+    df["channel"] = channel
+    return _finish_table(df, attrs | {"dab_threshold": thr})
+
+
+def _classify_two_channel(dfh: pd.DataFrame, dfd: pd.DataFrame, attrs: dict[str, Any]) -> pd.DataFrame:
+    import pandas as pd
+
+    dfh, dfd = dfh.copy(), dfd.copy()
+    dfh["positive"], dfh["channel"] = False, "hematoxylin"
+    dfd["positive"], dfd["channel"] = True, "dab"
+    df = pd.concat([dfd, dfh], ignore_index=True)
+    return _finish_table(df, attrs | {"n_dab": int(len(dfd)), "n_hematoxylin": int(len(dfh))})
 
 
 def tile_sums(nuclei_df: pd.DataFrame, tiles_df: pd.DataFrame) -> pd.DataFrame:
@@ -818,9 +897,9 @@ def tile_sums(nuclei_df: pd.DataFrame, tiles_df: pd.DataFrame) -> pd.DataFrame:
     """
     need = {"y0", "x0", "height", "width"}
     if missing := need - set(tiles_df.columns):
-        raise ConfigError(f"tile table lacks column(s) {sorted(missing)}")
+        raise InvalidInputError(f"tile table lacks column(s) {sorted(missing)}")
     if missing := {"y", "x", "area", "positive"} - set(nuclei_df.columns):
-        raise ConfigError(f"nuclei table lacks column(s) {sorted(missing)}")
+        raise InvalidInputError(f"nuclei table lacks column(s) {sorted(missing)}")
     import pandas as pd
 
     sums = np.zeros((len(tiles_df), 4))
@@ -831,7 +910,7 @@ def tile_sums(nuclei_df: pd.DataFrame, tiles_df: pd.DataFrame) -> pd.DataFrame:
     )
     slides = tiles_df["slide"].unique() if "slide" in tiles_df.columns else [None]
     if len(slides) > 1 and "slide" not in nuclei_df.columns:
-        raise ConfigError(
+        raise InvalidInputError(
             "tile table has several slides but the nuclei table has no 'slide' column"
         )
     for slide in slides:

@@ -25,7 +25,7 @@ from typing import Any
 import dask
 import numpy as np
 
-__all__ = ["chunk_grid", "chunk_tasks", "fingerprint", "load_record", "record_path"]
+__all__ = ["chunk_grid", "chunk_tasks", "fingerprint", "load_record", "record_path", "recorded"]
 
 
 def fingerprint(obj: Any, files: list[str | Path] = ()) -> str:
@@ -57,23 +57,59 @@ def record_path(record_dir: Path, iy: int, ix: int, kind: str = "npz") -> Path:
     return Path(record_dir) / f"{iy}_{ix}.{kind}"
 
 
+_ARRAY = "__array__"
+
+
 def load_record(path: str | Path) -> Any:
-    """Load a chunk record: ``.npz`` -> dict of arrays (no pickle), ``.parquet`` -> DataFrame."""
+    """Load a chunk record: ``.npz`` -> dict of arrays or one array (no pickle), ``.parquet`` ->
+    DataFrame."""
     path = str(path)
     if path.endswith(".parquet"):
         import pandas as pd
 
         return pd.read_parquet(path)
     with np.load(path, allow_pickle=False) as z:
+        if z.files == [_ARRAY]:
+            return z[_ARRAY]
         return {k: z[k] for k in z.files}
 
 
 def _save(result: Any, tmp: str, kind: str) -> None:
     if kind == "parquet":
         result.to_parquet(tmp, index=False)
+    elif isinstance(result, np.ndarray):
+        with open(tmp, "wb") as f:
+            np.savez(f, **{_ARRAY: result})
     else:
         with open(tmp, "wb") as f:
             np.savez(f, **result)
+
+
+def _record(result: Any, path: str, kind: str) -> Any:
+    """Save ``result`` to ``path`` atomically (temp name + rename) and return it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.partial-{os.getpid()}-{threading.get_ident()}"
+    try:
+        _save(result, tmp, kind)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return result
+
+
+def recorded(task: Any, path: str | Path, kind: str = "npz") -> tuple[Any, bool]:
+    """Wrap a Delayed so its result is recorded at ``path``; load the record if it exists.
+
+    Returns ``(delayed, done)``: ``done`` is True when the record existed (the returned
+    Delayed loads it and ``task``'s graph is dropped, inputs included). ``kind`` is ``"npz"``
+    (a dict of arrays or one array) or ``"parquet"`` (a DataFrame).
+    """
+    path = Path(path)
+    if path.exists():
+        return dask.delayed(load_record, pure=True)(str(path), dask_key_name=f"load-{_tok(path)}"), True
+    key = f"record-{_tok(path)}-{dask.base.tokenize(task)}"
+    return dask.delayed(_record, pure=True)(task, str(path), kind, dask_key_name=key), False
 
 
 def _run_and_record(
@@ -83,15 +119,7 @@ def _run_and_record(
     loc: tuple[int, int, int, int],
     **kw: Any,
 ) -> Any:
-    result = func(loc=loc, **kw)
-    tmp = f"{path}.partial-{os.getpid()}-{threading.get_ident()}"
-    try:
-        _save(result, tmp, kind)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return result
+    return _record(func(loc=loc, **kw), path, kind)
 
 
 def chunk_tasks(

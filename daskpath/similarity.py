@@ -7,32 +7,36 @@ covariance (``use_sample_covariance=False``), ``data_range = 1``, ``K1 = 0.01``,
 ``skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False, data_range=1, full=True)`` returns as its map.
 
-Halo rule: each output pixel depends on inputs within the Gaussian radius
-``r = int(3.5 * sigma + 0.5)``, so :func:`ssim_map` uses ``map_overlap`` with ``depth = r`` and
-``boundary='reflect'`` (dask's reflect repeats the edge pixel, as scipy's ``'reflect'`` does).
-With ``dtype=float64`` the chunked map equals skimage's whole-image map bit for bit; the default
-``float32`` path matches it within 1e-4 (float32 arithmetic with centred variances; ~5e-5 on near-white
-glass) and is about 15x faster on one core (OpenCV's SIMD Gaussian, float32).
+Halo rule (:mod:`daskpath._halo`): each output pixel depends on inputs within the Gaussian
+radius ``r = int(3.5 * sigma + 0.5)``, so :func:`ssim_map` runs :func:`ssim_block` on every chunk
+plus ``r`` px of halo (:func:`~daskpath._halo.overlap_2d`, no padding beyond the slide edge,
+where the filter's own ``'reflect'`` applies as on the whole image) and keeps the core: the same
+kernel, halo and core as the pipeline's fused per-chunk task. With ``dtype=float64`` the chunked
+map equals skimage's whole-image map bit for bit; the default ``float32`` path matches it within
+1e-4 (float32 arithmetic with centred variances; ~5e-5 on near-white glass) and is about 15x
+faster on one core (OpenCV's SIMD Gaussian, float32).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import dask.array as da
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["gray", "map_overlap_pair", "ssim_block", "ssim_map", "ssim_radius"]
+from daskpath._halo import gaussian_radius, overlap_2d
+from daskpath.errors import InvalidInputError
+
+__all__ = ["gray", "ssim_block", "ssim_map", "ssim_radius"]
 
 _GRAY = np.array([0.2125, 0.7154, 0.0721])  # skimage.color.rgb2gray weights
 _TRUNCATE = 3.5
 
 
 def ssim_radius(sigma: float = 1.5) -> int:
-    """Radius in pixels of the SSIM Gaussian window (the ``map_overlap`` depth)."""
-    return int(_TRUNCATE * sigma + 0.5)
+    """Radius in pixels of the SSIM Gaussian window (the halo depth): ``int(3.5 * sigma + 0.5)``."""
+    return gaussian_radius(sigma, _TRUNCATE)
 
 
 def gray(rgb: np.ndarray, dtype: type = np.float32) -> np.ndarray:
@@ -113,8 +117,8 @@ def ssim_block(
     """SSIM map of two grayscale arrays, as skimage computes it (Gaussian window).
 
     Works in the arrays' float precision (float32 through OpenCV's Gaussian, float64 through
-    scipy's, bit-identical to skimage). Border handling is scipy's ``'reflect'``; inside a
-    ``map_overlap`` block only the interior (farther than the radius from the block edge) is kept.
+    scipy's, bit-identical to skimage). Border handling is scipy's ``'reflect'``; on a halo'd
+    block only the core (the radius away from every block edge that is not the slide edge) is kept.
     """
     dtype = np.result_type(a.dtype, b.dtype, np.float32)
     a = a.astype(dtype, copy=False)
@@ -201,73 +205,17 @@ def ssim_map(
     Returns
     -------
     dask.array.Array, shape (y, x), float
-        One task per chunk (read + gray + SSIM fused), halo ``depth = ssim_radius(sigma)``.
+        One task per chunk (read + gray + SSIM fused), halo ``depth = ssim_radius(sigma)``;
+        chunked like ``he`` (a chunk thinner than the halo is merged into its neighbour).
     """
     if he.shape != ihc.shape:
-        raise ValueError(f"ssim_map: shapes differ {he.shape} vs {ihc.shape}")
+        raise InvalidInputError(f"ssim_map: shapes differ {he.shape} vs {ihc.shape}; register "
+                                "and crop the pair to a common size")
     if he.ndim != 3 or he.shape[2] != 3:
-        raise ValueError(f"ssim_map: expected (y, x, 3) RGB arrays, got shape {he.shape}")
+        raise InvalidInputError(f"ssim_map: expected (y, x, 3) RGB arrays, got shape {he.shape}")
     if sigma <= 0:
-        raise ValueError(f"ssim_map: sigma must be > 0, got {sigma}")
+        raise InvalidInputError(f"ssim_map: sigma must be > 0, got {sigma} (design: 1.5)")
     np_dtype = np.dtype(dtype).type
-    if ihc.chunks != he.chunks:
-        ihc = ihc.rechunk(he.chunks)
-    # a single channel chunk, so the overlap runs over (y, x) only
-    he = he.rechunk({2: 3})
-    ihc = ihc.rechunk({2: 3})
-    r = ssim_radius(sigma)
-    return map_overlap_pair(_ssim_rgb_block, he, ihc, depth=r, dtype=np_dtype, sigma=sigma, work_dtype=np_dtype
-    )
-
-
-class _Trimmed:
-    """Picklable wrapper: apply ``func`` to halo'd blocks and trim ``depth`` px off the 2-D result."""
-
-    def __init__(self, func: Callable[..., np.ndarray], depth: int, kwargs: dict) -> None:
-        self.func = func
-        self.depth = depth
-        self.kwargs = kwargs
-
-    def __call__(self, *blocks: np.ndarray) -> np.ndarray:
-        res = self.func(*blocks, **self.kwargs)
-        d = self.depth
-        return res[d : res.shape[0] - d, d : res.shape[1] - d] if d else res
-
-
-def map_overlap_pair(
-    func: Callable[..., np.ndarray],
-    *arrays: da.Array,
-    depth: int,
-    dtype: type,
-    boundary: str = "reflect",
-    **kwargs: object,
-) -> da.Array:
-    """``map_overlap`` over (y, x) of (y, x, c) images giving one 2-D output block per chunk.
-
-    Every input is padded with a halo of ``depth`` px (``boundary`` at the image edge: dask's
-    ``'reflect'`` repeats the edge pixel like scipy's ``'reflect'``, ``'nearest'`` like scipy's
-    ``'nearest'``), ``func(*blocks, **kwargs)`` runs once per chunk and the halo is trimmed from
-    its 2-D result. The channel axis must be a single chunk.
-    """
-    padded = [
-        da.overlap.overlap(
-            a,
-            depth={0: depth, 1: depth, 2: 0},
-            boundary={0: boundary, 1: boundary, 2: "none"},
-        )
-        if depth
-        else a
-        for a in arrays
-    ]
-    # overlap() merges edge chunks smaller than the halo, so take the output chunks from the
-    # padded arrays rather than from the inputs
-    out_chunks = tuple(tuple(c - 2 * depth for c in cs) for cs in padded[0].chunks[:2])
-    return da.map_blocks(
-        _Trimmed(func, depth, kwargs),
-        *padded,
-        drop_axis=2,
-        chunks=out_chunks,
-        dtype=dtype,
-        meta=np.empty((0, 0), dtype=dtype),
-        token=getattr(func, "__name__", "block").strip("_"),
-    )
+    # ihc takes he's chunks; the channel axis is one chunk, the halo runs over (y, x) only
+    return overlap_2d(_ssim_rgb_block, he, ihc, depth=ssim_radius(sigma), dtype=np_dtype,
+                      drop_axis=2, sigma=sigma, work_dtype=np_dtype)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from daskpath.errors import ConfigError
+from daskpath.errors import InvalidInputError
 
 __all__ = [
     "StainMatrix",
@@ -84,7 +84,7 @@ class StainMatrix:
         try:
             return self.names.index(name)
         except ValueError:
-            raise ConfigError(
+            raise InvalidInputError(
                 f"stain {name!r} is not in the stain matrix (stains: {', '.join(self.names)})"
             ) from None
 
@@ -106,16 +106,16 @@ def _complete(rows: np.ndarray) -> np.ndarray:
     """Normalise 2 or 3 OD vectors and complete a missing third by the cross product."""
     rows = np.asarray(rows, dtype=np.float64)
     if rows.ndim != 2 or rows.shape[1] != 3 or rows.shape[0] not in (2, 3):
-        raise ConfigError(
+        raise InvalidInputError(
             f"stain matrix must have 2 or 3 rows of 3 OD values (R, G, B), got shape {rows.shape}"
         )
     if not np.all(np.isfinite(rows)) or np.any(np.linalg.norm(rows, axis=1) == 0):
-        raise ConfigError("stain matrix rows must be finite, non-zero OD vectors")
+        raise InvalidInputError("stain matrix rows must be finite, non-zero OD vectors")
     if rows.shape[0] == 2:
         third = np.cross(rows[0], rows[1])
         rows = np.vstack([rows, third])
     if abs(np.linalg.det(rows)) < 1e-8:
-        raise ConfigError("stain matrix is singular: give linearly independent stain vectors")
+        raise InvalidInputError("stain matrix is singular: give linearly independent stain vectors")
     return rows
 
 
@@ -141,7 +141,8 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     """
     rgb = np.asarray(rgb)
     if rgb.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image with a last axis of 3, got shape {rgb.shape}")
+        raise InvalidInputError(
+            f"expected an RGB image with a last axis of 3, got shape {rgb.shape}")
     if rgb.dtype == np.uint8:
         lut = (-np.log10(np.maximum(np.arange(256), 1) / 255.0)).astype(np.float32)
         return lut[rgb]
@@ -164,7 +165,7 @@ def _rgb_chunks(rgb):
     if not isinstance(rgb, da.Array):
         rgb = da.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
-        raise ValueError(f"expected a (y, x, 3) RGB array, got shape {rgb.shape}")
+        raise InvalidInputError(f"expected a (y, x, 3) RGB array, got shape {rgb.shape}")
     if len(rgb.chunks[-1]) != 1:
         rgb = rgb.rechunk({2: 3})
     return rgb
@@ -284,7 +285,7 @@ def estimate_stain_vectors_macenko(
     od = optical_density(np.asarray(rgb_sample)).reshape(-1, 3).astype(np.float64)
     tissue = od[np.all(od > beta, axis=1)]
     if tissue.shape[0] < 100:
-        raise ConfigError(
+        raise InvalidInputError(
             f"Macenko stain estimation needs >= 100 tissue pixels (OD > {beta} in all channels), "
             f"got {tissue.shape[0]}: sample more tissue or use the default HED vectors"
         )

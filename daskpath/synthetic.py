@@ -84,7 +84,7 @@ from typing import Literal
 
 import numpy as np
 
-from daskpath.errors import DaskpathError
+from daskpath.errors import InvalidInputError
 
 __all__ = [
     "SyntheticPair",
@@ -223,10 +223,12 @@ class _Geometry:
     ) -> _Geometry:
         h, w = _check_size(size)
         if not (isinstance(mpp, (int, float)) and 0.05 <= float(mpp) <= 10.0):
-            raise DaskpathError(f"synthetic: mpp={mpp!r} is out of range; use 0.05-10 (0.5 = 20x)")
+            raise InvalidInputError(
+                f"synthetic: mpp={mpp!r} is out of range; use 0.05-10 (0.5 = 20x)")
         off = DEFAULT_OFFSET if offset is None else (int(offset[0]), int(offset[1]))
         if max(abs(off[0]), abs(off[1])) > 256:
-            raise DaskpathError(f"synthetic: offset={offset!r} is too large; use |dy|, |dx| <= 256")
+            raise InvalidInputError(
+                f"synthetic: offset={offset!r} is too large; use |dy|, |dx| <= 256")
         s = 0.5 / float(mpp)
         cell = max(8, int(round(25 * s)))
         jitter = 6.0 * cell / 25.0
@@ -235,7 +237,7 @@ class _Geometry:
         ncols = int(math.ceil(w / cell)) + 2 * pad
         nrows = int(math.ceil(h / cell)) + 2 * pad
         if nrows * ncols >= 2**31 - 1:
-            raise DaskpathError(f"synthetic: size={size!r} is too large for int32 nucleus ids")
+            raise InvalidInputError(f"synthetic: size={size!r} is too large for int32 nucleus ids")
         return cls(h, w, int(seed), off, float(mpp), cell, jitter, rmax, pad, ncols)
 
     @property
@@ -248,9 +250,10 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
     try:
         h, w = (int(size[0]), int(size[1]))
     except (TypeError, ValueError, IndexError):
-        raise DaskpathError(f"synthetic: size={size!r} must be (height, width) integers") from None
+        raise InvalidInputError(
+            f"synthetic: size={size!r} must be (height, width) integers") from None
     if h < 64 or w < 64:
-        raise DaskpathError(f"synthetic: size={size!r} is too small; use at least (64, 64)")
+        raise InvalidInputError(f"synthetic: size={size!r} is too small; use at least (64, 64)")
     return h, w
 
 
@@ -621,12 +624,12 @@ def _positive_field(positive_field: PositiveField) -> PositiveField:
     try:
         v = float(positive_field)
     except (TypeError, ValueError):
-        raise DaskpathError(
+        raise InvalidInputError(
             f"synthetic: positive_field={positive_field!r} must be None, a float in [0, 1] or a "
             "callable f(y_norm, x_norm) -> probability"
         ) from None
     if not 0.0 <= v <= 1.0:
-        raise DaskpathError(f"synthetic: positive_field={v} must lie in [0, 1]")
+        raise InvalidInputError(f"synthetic: positive_field={v} must lie in [0, 1]")
     return v
 
 
@@ -679,9 +682,9 @@ def render_region(
     global coordinates: any window equals the same crop of a larger window, bit for bit.
     """
     if stain not in ("he", "ihc"):
-        raise DaskpathError(f"synthetic: stain={stain!r} must be 'he' or 'ihc'")
+        raise InvalidInputError(f"synthetic: stain={stain!r} must be 'he' or 'ihc'")
     if int(h) <= 0 or int(w) <= 0:
-        raise DaskpathError(f"synthetic: window {h}x{w} must have a positive size")
+        raise InvalidInputError(f"synthetic: window {h}x{w} must have a positive size")
     g = _Geometry.build(size, seed, offset, mpp)
     rgb, labels, _, _ = _render(
         g, int(y0), int(x0), int(h), int(w), stain, _positive_field(positive_field)
@@ -980,7 +983,7 @@ def _truth_table(he: _Stats, ihc: _Stats, g: _Geometry):
 
 def _check_slide_id(slide: str) -> str:
     if not isinstance(slide, str) or not slide or any(c in slide for c in "/\\,\n\r"):
-        raise DaskpathError(
+        raise InvalidInputError(
             f"synthetic: slide id {slide!r} must be a non-empty string without '/', '\\' or ','"
         )
     return slide
@@ -1040,22 +1043,22 @@ def make_pair(
 
     slide = _check_slide_id(slide)
     if layout not in ("tiled", "png", "stripped"):
-        raise DaskpathError(
+        raise InvalidInputError(
             f"synthetic: layout={layout!r} is unknown; use 'tiled', 'png' or 'stripped'"
         )
     if not isinstance(tile_size, int) or tile_size < 16 or tile_size % 16:
-        raise DaskpathError(f"synthetic: tile_size={tile_size!r} must be a multiple of 16")
+        raise InvalidInputError(f"synthetic: tile_size={tile_size!r} must be a multiple of 16")
     if not isinstance(chunk, int) or chunk < _BLOCK or chunk % _BLOCK or chunk % tile_size:
-        raise DaskpathError(
+        raise InvalidInputError(
             f"synthetic: chunk={chunk!r} must be a multiple of {_BLOCK} and of "
             f"tile_size={tile_size}"
         )
     if not 1 <= int(quality) <= 100:
-        raise DaskpathError(f"synthetic: quality={quality!r} must be in 1-100")
+        raise InvalidInputError(f"synthetic: quality={quality!r} must be in 1-100")
     g = _Geometry.build(size, seed, offset, mpp)
     nlev = len(_level_shapes(g.height, g.width))
     if chunk % (1 << (nlev - 1)):
-        raise DaskpathError(f"synthetic: chunk={chunk} must be a multiple of {1 << (nlev - 1)}")
+        raise InvalidInputError(f"synthetic: chunk={chunk} must be a multiple of {1 << (nlev - 1)}")
     pf = _positive_field(positive_field)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1144,7 +1147,7 @@ def make_cohort(
         Path of ``out_dir/manifest.csv``.
     """
     if not isinstance(pairs, int) or pairs < 1:
-        raise DaskpathError(f"synthetic: pairs={pairs!r} must be a positive integer")
+        raise InvalidInputError(f"synthetic: pairs={pairs!r} must be a positive integer")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -15,6 +15,8 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
+from daskpath.errors import InvalidInputError
+
 __all__ = ["chunk_tile_sums", "tile_grid", "tile_sums", "tile_means"]
 
 
@@ -26,7 +28,7 @@ def tile_grid(shape: tuple[int, int], size: int) -> pd.DataFrame:
     DataFrame with columns ``ty, tx, y0, x0, height, width`` in row-major order.
     """
     if size <= 0:
-        raise ValueError(f"tile size must be > 0, got {size}")
+        raise InvalidInputError(f"tile_grid: tile size must be > 0 px, got {size}")
     h, w = int(shape[0]), int(shape[1])
     ys = np.arange(0, h, size)
     xs = np.arange(0, w, size)
@@ -112,11 +114,12 @@ def tile_sums(maps: Sequence[da.Array], size: int) -> da.Array:
     dask.array.Array, shape (n_ty, n_tx, len(maps)), float64
     """
     if not maps:
-        raise ValueError("tile_sums: no maps given")
+        raise InvalidInputError("tile_sums: no maps given; pass at least one 2-D map")
     first = maps[0]
     for m in maps[1:]:
         if m.shape != first.shape:
-            raise ValueError(f"tile_sums: shapes differ {m.shape} vs {first.shape}")
+            raise InvalidInputError(f"tile_sums: shapes differ {m.shape} vs {first.shape}; "
+                                    "pass maps of one image")
     maps = [m if m.chunks == first.chunks else m.rechunk(first.chunks) for m in maps]
     n_ty = -(-first.shape[0] // size)
     n_tx = -(-first.shape[1] // size)

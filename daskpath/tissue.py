@@ -15,8 +15,10 @@ Why this form:
   on the background fall below the threshold, and small bright gaps between cells inside tissue
   are filled, without any connected-component pass (which would not be chunk-local).
 
-Halo rule: the Gaussian has radius ``int(4 * sigma + 0.5)``; :func:`tissue_mask` uses
-``map_overlap`` with exactly that depth and ``boundary='nearest'`` (scipy's ``'nearest'``), so the
+Halo rule (:mod:`daskpath._halo`): the Gaussian has radius ``int(4 * sigma + 0.5)``;
+:func:`tissue_mask` runs :func:`tissue_block` on every chunk plus exactly that halo
+(:func:`~daskpath._halo.overlap_2d`, no padding beyond the slide edge, where the filter's own
+``'nearest'`` applies) and keeps the core, as the pipeline's fused per-chunk task does, so the
 chunked mask equals :func:`tissue_block` on the whole image.
 """
 
@@ -25,7 +27,9 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 
-from daskpath.similarity import gaussian_blur, map_overlap_pair
+from daskpath._halo import gaussian_radius, overlap_2d
+from daskpath.errors import InvalidInputError
+from daskpath.similarity import gaussian_blur
 
 __all__ = ["DEFAULT_SIGMA", "DEFAULT_THRESHOLD", "tissue_block", "tissue_mask", "tissue_radius"]
 
@@ -40,8 +44,8 @@ _OD_LUT = (-np.log10((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(n
 
 
 def tissue_radius(sigma: float = DEFAULT_SIGMA) -> int:
-    """Halo in pixels needed by :func:`tissue_mask` for ``sigma``."""
-    return int(_TRUNCATE * sigma + 0.5)
+    """Halo in pixels needed by :func:`tissue_mask` for ``sigma``: ``int(4 * sigma + 0.5)``."""
+    return gaussian_radius(sigma, _TRUNCATE)
 
 
 def max_od(rgb: np.ndarray) -> np.ndarray:
@@ -52,7 +56,7 @@ def max_od(rgb: np.ndarray) -> np.ndarray:
     rgb : ndarray, shape (..., 3), uint8
     """
     if rgb.dtype != np.uint8:
-        raise TypeError(f"tissue: expected uint8 RGB, got {rgb.dtype}")
+        raise InvalidInputError(f"tissue: expected uint8 RGB, got {rgb.dtype}; convert to uint8")
     from daskpath.similarity import _cv2
 
     cv2 = _cv2()
@@ -89,23 +93,20 @@ def tissue_mask(
 
     Returns
     -------
-    dask.array.Array of bool, shape (y, x), chunked like ``rgb``'s first two axes.
+    dask.array.Array of bool, shape (y, x)
+        Chunked like ``rgb``'s first two axes (a chunk thinner than the halo is merged into its
+        neighbour).
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"tissue_mask: expected (y, x, 3) RGB, got shape {rgb.shape}")
+        raise InvalidInputError(f"tissue_mask: expected (y, x, 3) RGB, got shape {rgb.shape}; "
+                                "drop alpha or stack gray into 3 channels")
     if rgb.dtype != np.uint8:
-        raise TypeError(f"tissue_mask: expected uint8 RGB, got {rgb.dtype}")
+        raise InvalidInputError(
+            f"tissue_mask: expected uint8 RGB, got {rgb.dtype}; convert to uint8")
     if not 0 < threshold < 3:
-        raise ValueError(f"tissue_mask: threshold is an optical density in (0, 3), got {threshold}")
+        raise InvalidInputError(f"tissue_mask: threshold is an optical density in (0, 3), got "
+                                f"{threshold}; the default is {DEFAULT_THRESHOLD}")
     if sigma < 0:
-        raise ValueError(f"tissue_mask: sigma must be >= 0, got {sigma}")
-    rgb = rgb.rechunk({2: 3})
-    return map_overlap_pair(
-        tissue_block,
-        rgb,
-        depth=tissue_radius(sigma) if sigma > 0 else 0,
-        dtype=np.bool_,
-        boundary="nearest",
-        threshold=threshold,
-        sigma=sigma,
-    )
+        raise InvalidInputError(f"tissue_mask: sigma must be >= 0 px, got {sigma}")
+    return overlap_2d(tissue_block, rgb, depth=tissue_radius(sigma) if sigma > 0 else 0,
+                      dtype=np.bool_, drop_axis=2, threshold=threshold, sigma=sigma)

@@ -23,7 +23,7 @@ needs_sklearn = pytest.mark.skipif(
     reason="scikit-learn / skops not installed")
 
 from daskpath.baselines import data as bdata  # noqa: E402
-from daskpath.errors import ConfigError, ModelError, SlideError  # noqa: E402
+from daskpath.errors import InvalidInputError, ModelError, ModelNotFoundError  # noqa: E402
 from daskpath.synthetic import render_region  # noqa: E402
 from daskpath.tiles import tile_grid  # noqa: E402
 from daskpath.translate.score import ratio_metrics  # noqa: E402
@@ -268,14 +268,14 @@ _HE = np.zeros((128, 128, 3), np.uint8)
 
 @pytest.mark.parametrize("predict", [_rf, _cl], ids=["rf", "classifier"])
 @pytest.mark.parametrize("he,tiles,model,exc,match", [
-    (_HE, _TILES, "/no/such/model", ModelError, "no such folder; use a shipped name"),
-    (_HE, _TILES, "nope", ModelError, "'nope': no such folder"),
-    (_HE.astype(np.float32), _TILES, "phantom", SlideError, "dtype float32 is not supported; pass RGB uint8"),
-    (np.zeros((128, 128, 4), np.uint8), _TILES, "phantom", SlideError, r"shape \(128, 128, 4\) is not"),
-    (_HE, _TILES.drop(columns="width"), "phantom", ConfigError, "column 'width' is missing"),
-    (_HE, _TILES.assign(y0=100), "phantom", ConfigError, "outside the 128 x 128 image"),
-    (_HE, _TILES.assign(y0=0.5), "phantom", ConfigError, "must hold integers"),
-    (_HE, [[0, 0, 64, 64]], "phantom", ConfigError, "pass a DataFrame"),
+    (_HE, _TILES, "/no/such/model", ModelNotFoundError, "no such folder; use a shipped name"),
+    (_HE, _TILES, "nope", ModelNotFoundError, "'nope': no such folder"),
+    (_HE.astype(np.float32), _TILES, "phantom", InvalidInputError, "dtype float32 is not supported; pass RGB uint8"),
+    (np.zeros((128, 128, 4), np.uint8), _TILES, "phantom", InvalidInputError, r"shape \(128, 128, 4\) is not"),
+    (_HE, _TILES.drop(columns="width"), "phantom", InvalidInputError, "column 'width' is missing"),
+    (_HE, _TILES.assign(y0=100), "phantom", InvalidInputError, "outside the 128 x 128 image"),
+    (_HE, _TILES.assign(y0=0.5), "phantom", InvalidInputError, "must hold integers"),
+    (_HE, [[0, 0, 64, 64]], "phantom", InvalidInputError, "pass a DataFrame"),
 ])
 def test_bad_input_one_line(predict, he, tiles, model, exc, match):
     with pytest.raises(exc, match=match) as e:
@@ -333,7 +333,7 @@ def test_train_rf_main_writes_a_usable_model(tmp_path, capsys):
     clf, spec = load_rf(out)
     assert len(clf.estimators_) == 2 and spec.extra["training"]["seeds"] == [1]
     assert (out / "evaluation.json").is_file()
-    with pytest.raises(ConfigError, match="both a training and a held-out"):
+    with pytest.raises(InvalidInputError, match="both a training and a held-out"):
         main([str(out), "--seeds", "1", "--heldout-seeds", "1"])
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daskpath.config import Config, default_dict, load_config, parse_set
+from daskpath.config import Config, default_dict, defaults_from_dataclasses, load_config, parse_set
 from daskpath.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +18,36 @@ def test_packaged_defaults_equal_configs_default_yaml():
     assert (ROOT / "configs" / "default.yaml").read_text() == (
         ROOT / "daskpath" / "default.yaml"
     ).read_text()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"a.b": (type, value)}``: the type keeps 1, 1.0 and True apart."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = (type(v).__name__, v)
+    return out
+
+
+@pytest.mark.parametrize("path", ["daskpath/default.yaml", "configs/default.yaml"])
+def test_default_yaml_equals_the_dataclass_defaults(path):
+    """The dataclasses are the one source of defaults; the shipped YAML documents them."""
+    shipped = _flat(yaml.safe_load((ROOT / path).read_text()))
+    want = _flat(defaults_from_dataclasses())
+    assert sorted(set(shipped) - set(want)) == [], f"{path}: keys that are no dataclass field"
+    assert sorted(set(want) - set(shipped)) == [], f"{path}: dataclass fields missing here"
+    wrong = {k: (shipped[k], want[k]) for k in want if shipped[k] != want[k]}
+    assert wrong == {}, f"{path}: (yaml, dataclass) values differ"
+
+
+def test_defaults_from_dataclasses_is_plain_yaml():
+    d = defaults_from_dataclasses()
+    assert d == default_dict() and d is not defaults_from_dataclasses()  # a fresh dict each call
+    assert d["stages"] == list(Config().stages) and d["baselines"]["methods"] == ["rf", "classifier"]
+    assert yaml.safe_load(yaml.safe_dump(d, sort_keys=False)) == d
+    assert list(d) == [f.name for f in dataclasses.fields(Config)]
 
 
 def test_defaults_load_and_match_dataclass_defaults():

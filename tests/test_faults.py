@@ -44,7 +44,7 @@ def test_worker_killed_mid_run_does_not_change_results(synth_cohort, reference, 
         deadline = time.time() + 120
         killed = None
         while time.time() < deadline and th.is_alive():
-            n = len(list(out.glob("work/*/*/chunks/*.npz")))
+            n = len(list(out.glob(".daskpath/work/*/*/chunks/*.npz")))
             if n >= 6:  # ~20% of the 32 chunks done: kill a worker while others are in flight
                 killed = next(iter(pids.values()))
                 os.kill(killed, signal.SIGKILL)

@@ -12,7 +12,7 @@ import tifffile
 import zarr
 
 from daskpath import io
-from daskpath.errors import ManifestError, PairMismatchError, SlideError
+from daskpath.errors import InvalidInputError, ManifestError, PairMismatchError, SlideError
 
 H, W = 1000, 1300  # not divisible by any chunk size used below
 MPP = 0.5
@@ -139,7 +139,7 @@ def test_default_chunks_align_to_tiles(files: dict[str, Path], caplog: pytest.Lo
     arr = io.open_slide(files["zlib_tif"], chunk_size=300)
     assert arr.data.chunks[:2] == ((512, 488), (512, 512, 276))
     for bad in (0, -5, 1.5, "big"):
-        with pytest.raises(SlideError, match="chunk_size"):
+        with pytest.raises(InvalidInputError, match="chunk_size"):
             io.open_slide(files["zlib_tif"], chunk_size=bad)  # type: ignore[arg-type]
 
 
@@ -393,10 +393,10 @@ def test_chunk_size_with_flat_raster_and_bad_ingest_chunks(
     np.testing.assert_array_equal(arr.values, rgb)
     ds = io.open_pair(files["zlib_tif"], files["png"], cache_dir=tmp_path)
     assert ds.he.data.chunks == ds.ihc.data.chunks and ds.attrs["chunk_size"] == (2048, 2048)
-    with pytest.raises(SlideError, match="chunk_size='big'"):
+    with pytest.raises(InvalidInputError, match="chunk_size='big'"):
         io.open_slide(files["png"], chunk_size="big", cache_dir=tmp_path)  # type: ignore[arg-type]
     for bad in (0, 8, 302, 2.0):
-        with pytest.raises(SlideError, match="multiple of 16"):
+        with pytest.raises(InvalidInputError, match="multiple of 16"):
             io.ingest(files["png"], tmp_path / "bad.ome.zarr", chunk_size=bad)  # type: ignore
     out = io.ingest(files["png"], tmp_path / "odd.ome.zarr", chunk_size=336)  # 21 x 16
     np.testing.assert_array_equal(io.open_slide(out).values, rgb)

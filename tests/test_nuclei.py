@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from daskpath import nuclei
-from daskpath.errors import ConfigError, ModelError
+from daskpath.errors import InvalidInputError, ModelError
 
 HAVE_STARDIST = importlib.util.find_spec("stardist") is not None and (
     importlib.util.find_spec("tensorflow") is not None
@@ -377,7 +377,7 @@ def test_tile_ratios_two_channel_definition():
 def test_tile_ratios_several_slides_need_slide_column():
     tiles = pd.DataFrame({"slide": ["a", "b"], "y0": 0, "x0": 0, "height": 5, "width": 5})
     nuc = pd.DataFrame({"y": [1.0], "x": [1.0], "area": [3], "positive": [True]})
-    with pytest.raises(ConfigError, match="slide"):
+    with pytest.raises(InvalidInputError, match="slide"):
         nuclei.tile_ratios(nuc, tiles)
     nuc["slide"] = "b"
     out = nuclei.tile_ratios(nuc, tiles)
@@ -453,5 +453,5 @@ def test_model_cache_builds_once_under_threads():
 ])
 def test_measure_nuclei_bad_arguments(kw, match):
     rgb = da.zeros((64, 64, 3), dtype=np.uint8, chunks=32)
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(InvalidInputError, match=match):
         nuclei.measure_nuclei(rgb, "phantom", **kw)

@@ -112,11 +112,15 @@ def test_ground_truth_ratio_matches_phantom_truth(full_run, synth_cohort):
 
 
 def test_rerun_skips_finished_stages(full_run, synth_cohort, dask_client):
-    parts = sorted(full_run.output_dir.glob("parts/*.parquet"))
+    work = full_run.output_dir / ".daskpath" / "work"
+    parts = sorted(work.glob("*/*/part.parquet"))
+    assert len(parts) == 2 * 4  # two slides x four stages
     before = {p: p.stat().st_mtime_ns for p in parts}
-    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={full_run.output_dir}", "tiles.size=512"])
+    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={full_run.output_dir}", "tiles.size=512",
+                             "chunk_size=512"])
     res = run(cfg, client=dask_client)
     assert res.ok
+    assert all(res.recomputed(s) == [] for s in res.slides.slide)
     assert {p: p.stat().st_mtime_ns for p in parts} == before
     pd.testing.assert_frame_equal(res.tiles, full_run.tiles)
 
@@ -129,10 +133,18 @@ def test_rerun_with_more_kept_tiles_measures_them(full_run, synth_cohort, dask_c
     out = tmp_path / "out"
     shutil.copytree(full_run.output_dir, out)
     before = full_run.tiles
-    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={out}", "tiles.size=512",
+    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={out}", "tiles.size=512", "chunk_size=512",
                              "tiles.min_tissue=0.05", "ssim.threshold=0", "stages=[preprocess,nuclei]"])
     res = run(cfg, client=dask_client)
     assert res.ok, res.failures
+    # thresholds are applied at assembly: preprocessing is reused, the kept set changed
+    assert all(res.recomputed(s) == ["nuclei"] for s in res.slides.slide)
+    # the dropped stages (translate, baselines) leave nothing that claims to be current
+    assert "ratio_virtual" not in res.tiles.columns and "ratio_rf" not in res.tiles.columns
+    assert not list(out.glob("layers/*.virtual*")) and not list(out.glob("nuclei/*.virtual.*"))
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["stages"] == ["preprocess", "nuclei"]
+    assert not any("virtual" in f for f in run_json["outputs"])
     newly = res.tiles.keep & ~before.keep
     assert newly.sum() >= 2
     assert res.tiles.loc[newly, "ratio_ihc"].notna().sum() >= 1

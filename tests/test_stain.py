@@ -8,7 +8,7 @@ import pytest
 from skimage.color import rgb2hed
 
 from daskpath import stain
-from daskpath.errors import ConfigError
+from daskpath.errors import InvalidInputError
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_custom_two_vector_matrix_completed():
     "bad", [np.zeros((2, 3)), np.ones((4, 3)), np.ones((3, 2)), [[1, 0, 0], [2, 0, 0]]]
 )
 def test_bad_stain_matrix(bad):
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidInputError):
         stain.as_stain_matrix(bad)
 
 
@@ -103,7 +103,7 @@ def test_macenko_recovers_vectors():
 
 
 def test_macenko_needs_tissue():
-    with pytest.raises(ConfigError, match="tissue pixels"):
+    with pytest.raises(InvalidInputError, match="tissue pixels"):
         stain.estimate_stain_vectors_macenko(np.full((100, 100, 3), 250, np.uint8))
 
 

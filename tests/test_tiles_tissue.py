@@ -6,6 +6,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
+from daskpath.errors import InvalidInputError
 from daskpath.tiles import tile_grid, tile_means, tile_sums
 from daskpath.tissue import max_od, tissue_block, tissue_mask, tissue_radius
 
@@ -45,11 +46,11 @@ def test_tissue_separates_background_from_pale_tissue():
 
 def test_tissue_radius_and_bad_input():
     assert tissue_radius(4.0) == 16
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidInputError, match="uint8"):
         tissue_mask(da.zeros((10, 10, 3), dtype=np.float32))
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInputError, match=r"\(y, x, 3\)"):
         tissue_mask(da.zeros((10, 10), dtype=np.uint8))
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInputError, match="threshold"):
         tissue_mask(da.zeros((10, 10, 3), dtype=np.uint8), threshold=0)
 
 

@@ -12,7 +12,7 @@ import tifffile
 
 torch = pytest.importorskip("torch")
 
-from daskpath.errors import ConfigError  # noqa: E402
+from daskpath.errors import InvalidInputError  # noqa: E402
 from daskpath.translate.tilepairs import (RunInputs, export_tile_pairs, kept_tiles,  # noqa: E402
                                           run_inputs, split_slides)
 
@@ -57,7 +57,7 @@ def test_split_is_by_slide_deterministic_and_disjoint():
     (0.5, [], "at least 2 slides"),
 ])
 def test_split_bad_input(fraction, slides, msg):
-    with pytest.raises(ConfigError, match=msg) as e:
+    with pytest.raises(InvalidInputError, match=msg) as e:
         split_slides(slides, fraction)
     assert "\n" not in str(e.value)
 
@@ -129,17 +129,17 @@ def test_export_bad_input(tiny_run, tmp_path):
     pd.read_parquet(run_dir / "tiles.parquet").assign(slide="elsewhere").to_parquet(tmp_path / "other" / "tiles.parquet")
     cases.append((tmp_path / "other", manifest, "not in manifest"))
     for rd, m, msg in cases:
-        with pytest.raises(ConfigError, match=msg) as e:
+        with pytest.raises(InvalidInputError, match=msg) as e:
             export_tile_pairs(rd, tmp_path / "x", manifest=m)
         assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="layout"):
+    with pytest.raises(InvalidInputError, match="layout"):
         export_tile_pairs(run_dir, tmp_path / "x", manifest=manifest, layout="paired")
-    with pytest.raises(ConfigError, match="--slides"):
+    with pytest.raises(InvalidInputError, match="--slides"):
         run_inputs(run_dir=tmp_path / "nokeep")  # a folder without the run's config.yaml
     # a run folder knows its slides: `daskpath run` wrote config.yaml with absolute paths
     found = run_inputs(run_dir=run_dir)
     assert found.manifest == Path(manifest).resolve() and found.run_dir == run_dir
-    with pytest.raises(ConfigError, match="--config"):
+    with pytest.raises(InvalidInputError, match="--config"):
         run_inputs()
 
 

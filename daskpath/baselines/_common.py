@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from daskpath._process_cache import cached  # noqa: F401 - re-exported for the baselines
-from daskpath.errors import ConfigError, ModelError, SlideError
+from daskpath.errors import InvalidInputError, ModelError, ModelNotFoundError
 from daskpath.metrics import BINS, ratio_class  # the 3-class bins of metrics.json
 
 __all__ = [
@@ -56,8 +56,10 @@ def resolve_model(kind: str, model: str | os.PathLike[str]) -> Path:
 
     Raises
     ------
+    ModelNotFoundError
+        The name is not shipped and no such folder exists.
     ModelError
-        The name is not shipped and no such folder exists, or the folder has no spec.
+        The folder has no spec.
     """
     shipped = SHIPPED[kind]
     if isinstance(model, str) and model in shipped:
@@ -66,7 +68,7 @@ def resolve_model(kind: str, model: str | os.PathLike[str]) -> Path:
         folder = Path(model).expanduser()
     if not folder.is_dir():
         names = ", ".join(repr(n) for n in shipped)
-        raise ModelError(
+        raise ModelNotFoundError(
             f"{kind} model {str(model)!r}: no such folder; use a shipped name ({names}) or a "
             f"folder written by `{_TRAIN_CMD[kind]}`"
         )
@@ -108,22 +110,22 @@ def as_rgb_dask(he: Any, name: str = "he"):
 
     Raises
     ------
-    SlideError
+    InvalidInputError
         Wrong dtype or shape (one line naming the value and the fix).
     """
     import dask.array as da
 
     data = getattr(he, "data", he) if type(he).__module__.startswith("xarray") else he
     if not hasattr(data, "dtype") or not hasattr(data, "shape"):
-        raise SlideError(f"{name}: got {type(he).__name__}; pass a (y, x, 3) uint8 dask or numpy array")
+        raise InvalidInputError(f"{name}: got {type(he).__name__}; pass a (y, x, 3) uint8 dask or numpy array")
     if data.dtype != np.uint8:
-        raise SlideError(
+        raise InvalidInputError(
             f"{name}: dtype {data.dtype} is not supported; pass RGB uint8 (0-255), e.g. "
             f"daskpath.open_slide(path).data or (img * 255).astype('uint8')"
         )
     if data.ndim != 3 or data.shape[2] != 3:
-        raise SlideError(f"{name}: shape {tuple(data.shape)} is not (y, x, 3) RGB; drop alpha or "
-                         "pass a colour image")
+        raise InvalidInputError(f"{name}: shape {tuple(data.shape)} is not (y, x, 3) RGB; drop alpha or "
+                                "pass a colour image")
     if not isinstance(data, da.Array):
         data = da.from_array(np.asarray(data), chunks=(2048, 2048, 3))
     if data.chunks[2] != (3,):
@@ -136,24 +138,24 @@ def check_tiles(tiles: Any, shape: Sequence[int]):
 
     Raises
     ------
-    ConfigError
+    InvalidInputError
         Missing columns, non-integer or empty tiles, or tiles outside the image.
     """
     import pandas as pd
 
     if not isinstance(tiles, pd.DataFrame):
-        raise ConfigError(f"tiles: got {type(tiles).__name__}; pass a DataFrame with columns "
-                          f"{', '.join(TILE_COLUMNS)} (e.g. daskpath.tiles.tile_grid(shape, 1024))")
+        raise InvalidInputError(f"tiles: got {type(tiles).__name__}; pass a DataFrame with columns "
+                                f"{', '.join(TILE_COLUMNS)} (e.g. daskpath.tiles.tile_grid(shape, 1024))")
     missing = [c for c in TILE_COLUMNS if c not in tiles.columns]
     if missing:
-        raise ConfigError(f"tiles: column {missing[0]!r} is missing; a tile table needs "
-                          f"{', '.join(TILE_COLUMNS)} (see daskpath.tiles.tile_grid)")
+        raise InvalidInputError(f"tiles: column {missing[0]!r} is missing; a tile table needs "
+                                f"{', '.join(TILE_COLUMNS)} (see daskpath.tiles.tile_grid)")
     out = tiles.copy()
     for c in TILE_COLUMNS:
         v = out[c].to_numpy()
         if not np.issubdtype(v.dtype, np.integer):
             if not (np.issubdtype(v.dtype, np.floating) and np.all(np.isfinite(v)) and np.all(v == np.round(v))):
-                raise ConfigError(f"tiles: column {c!r} must hold integers (pixels), got {v.dtype}")
+                raise InvalidInputError(f"tiles: column {c!r} must hold integers (pixels), got {v.dtype}")
         out[c] = v.astype(np.int64)
     h, w = int(shape[0]), int(shape[1])
     y0, x0 = out["y0"].to_numpy(), out["x0"].to_numpy()
@@ -161,7 +163,7 @@ def check_tiles(tiles: Any, shape: Sequence[int]):
     bad = (th <= 0) | (tw <= 0) | (y0 < 0) | (x0 < 0) | (y0 + th > h) | (x0 + tw > w)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ConfigError(
+        raise InvalidInputError(
             f"tiles: row {i} (y0={y0[i]}, x0={x0[i]}, height={th[i]}, width={tw[i]}) is empty or "
             f"outside the {h} x {w} image; build tiles with daskpath.tiles.tile_grid(image shape, size)"
         )

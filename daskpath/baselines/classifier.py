@@ -55,7 +55,7 @@ from daskpath.baselines._common import (
     task_threads,
     write_spec,
 )
-from daskpath.errors import ConfigError, DaskpathError, ModelError
+from daskpath.errors import ConfigError, DaskpathError, InvalidInputError, ModelError, ModelNotFoundError
 
 __all__ = [
     "ClassifierSpec",
@@ -192,8 +192,8 @@ def _load(folder: str, device: str) -> tuple[Any, ClassifierSpec]:
     spec = ClassifierSpec.from_json(read_spec(path, "classifier"), source=str(path / "daskpath.json"))
     wpath = path / spec.weights
     if not wpath.is_file():
-        raise ModelError(f"{wpath}: weights missing; restore the file or retrain with "
-                         "python -m daskpath.baselines.classifier")
+        raise ModelNotFoundError(f"{wpath}: weights missing; restore the file or retrain with "
+                                 "python -m daskpath.baselines.classifier")
     try:
         sd = torch.load(wpath, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -297,7 +297,7 @@ def _assemble(tiles: pd.DataFrame, parts: list[np.ndarray], spec: ClassifierSpec
 def predict_tiles_classifier(he: Any, tiles: pd.DataFrame, model: str | os.PathLike[str] = "phantom", *,
                              batch_size: int = 16, device: str | None = None,
                              resources: dict[str, float] | None = None, torch_threads: int | None = None,
-                             compute: bool = True):
+                             compute: bool = True, record_dir: str | os.PathLike[str] | None = None):
     """Ki67 ratio class (and a ratio estimate) per tile from H&E alone, by the ResNet18.
 
     Parameters
@@ -318,6 +318,9 @@ def predict_tiles_classifier(he: Any, tiles: pd.DataFrame, model: str | os.PathL
         Intra-op threads per task (default: the worker's cores shared among its threads).
     compute : bool
         ``False``: return a :class:`dask.delayed.Delayed` of the DataFrame.
+    record_dir : path, optional
+        Record each batch's class probabilities as ``record_dir/<first>-<end>.npz``; a rerun
+        loads them instead of running the network again (resume after an interrupt).
 
     Returns
     -------
@@ -328,7 +331,7 @@ def predict_tiles_classifier(he: Any, tiles: pd.DataFrame, model: str | os.PathL
 
     Raises
     ------
-    SlideError, ConfigError, ModelError
+    InvalidInputError, ModelError
         Wrong dtype / shape of ``he``, a bad tile table, a missing or inconsistent model folder.
     """
     import dask
@@ -336,12 +339,12 @@ def predict_tiles_classifier(he: Any, tiles: pd.DataFrame, model: str | os.PathL
     he = as_rgb_dask(he)
     tiles = check_tiles(tiles, he.shape[:2])
     if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ConfigError(f"classifier: batch_size={batch_size!r} must be a positive integer")
+        raise InvalidInputError(f"classifier: batch_size={batch_size!r} must be a positive integer")
     folder = resolve_model("classifier", model)
     spec = ClassifierSpec.from_json(read_spec(folder, "classifier"), source=str(folder / "daskpath.json"))
     if not (folder / spec.weights).is_file():
-        raise ModelError(f"{folder / spec.weights}: weights missing; restore the file or retrain with "
-                         "python -m daskpath.baselines.classifier")
+        raise ModelNotFoundError(f"{folder / spec.weights}: weights missing; restore the file or retrain with "
+                                 "python -m daskpath.baselines.classifier")
     prepared = [
         dask.delayed(_prepare, pure=True)(he[y0:y0 + h, x0:x0 + w], spec)
         for y0, x0, h, w in zip(tiles["y0"], tiles["x0"], tiles["height"], tiles["width"])
@@ -350,6 +353,12 @@ def predict_tiles_classifier(he: Any, tiles: pd.DataFrame, model: str | os.PathL
     with dask.annotate(resources=resources) if resources else _null():
         parts = [dask.delayed(fn, pure=True)(prepared[i:i + batch_size])
                  for i in range(0, len(prepared), batch_size)]
+    if record_dir is not None:
+        from daskpath.resume import recorded
+
+        n = len(prepared)  # record names carry the batch bounds: a new batch_size never mixes
+        parts = [recorded(p, Path(record_dir) / f"{i * batch_size}-{min(n, (i + 1) * batch_size)}.npz",
+                          "npz")[0] for i, p in enumerate(parts)]
     result = dask.delayed(_assemble, pure=True)(tiles, parts, spec, str(model))
     return result.compute() if compute else result
 
@@ -517,14 +526,14 @@ def train_classifier(
     from daskpath.translate.score import ratio_metrics
 
     if not seeds:
-        raise ConfigError("train classifier: seeds is empty; give at least one training phantom seed")
+        raise InvalidInputError("train classifier: seeds is empty; give at least one training phantom seed")
     overlap = sorted(set(seeds) & set(heldout_seeds))
     if overlap:
-        raise ConfigError(f"train classifier: seed {overlap[0]} is both a training and a held-out "
-                          "slide; keep the split slide-level")
+        raise InvalidInputError(f"train classifier: seed {overlap[0]} is both a training and a held-out "
+                                "slide; keep the split slide-level")
     if tile % downsample or tile // downsample < 8:
-        raise ConfigError(f"train classifier: tile={tile} must be a multiple of downsample={downsample} "
-                          f"and at least {8 * downsample}")
+        raise InvalidInputError(f"train classifier: tile={tile} must be a multiple of downsample={downsample} "
+                                f"and at least {8 * downsample}")
     spec = ClassifierSpec(width=width, downsample=downsample, tile=tile)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -543,8 +552,8 @@ def train_classifier(
         del train
         pool = [(k, i) for k, w in enumerate(wins) for i in range(len(w.ratio))]
         if not pool:
-            raise ConfigError("train classifier: no training window has enough tissue; lower "
-                              "min_tissue or use larger slides")
+            raise InvalidInputError("train classifier: no training window has enough tissue; lower "
+                                    "min_tissue or use larger slides")
         labels = np.array([ratio_class(wins[k].ratio[i]) for k, i in pool])
         by_class = [np.flatnonzero(labels == c) for c in range(3)]
         present = [c for c in range(3) if len(by_class[c])]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from daskpath.errors import ModelError
+from daskpath.errors import InvalidInputError, ModelError, ModelNotFoundError
 
 __all__ = ["BasicBlock", "ResNet", "resnet18", "torchvision_resnet18_layout", "load_torchvision_weights"]
 
@@ -161,7 +161,7 @@ def load_torchvision_weights(net: ResNet, checkpoint: str | os.PathLike[str] | d
         try:
             sd = torch.load(src, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise ModelError(f"{src}: no such checkpoint; give the path of a torchvision resnet18 .pth") from None
+            raise ModelNotFoundError(f"{src}: no such checkpoint; give the path of a torchvision resnet18 .pth") from None
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"{src}: not a readable torch checkpoint ({type(e).__name__}); "
                              "give a torchvision resnet18 state dict") from None
@@ -169,7 +169,7 @@ def load_torchvision_weights(net: ResNet, checkpoint: str | os.PathLike[str] | d
         sd = sd["state_dict"]
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if head not in ("replace", "keep"):
-        raise ModelError(f"load_torchvision_weights: head={head!r}; use 'replace' or 'keep'")
+        raise InvalidInputError(f"load_torchvision_weights: head={head!r}; use 'replace' or 'keep'")
     own = net.state_dict()
     if head == "replace":
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}

@@ -16,7 +16,8 @@ counts in both tiles by the pixels that fall in each (the area definition with p
 
 Chunks and halo
 ---------------
-:func:`predict_pixels_rf` is a :func:`dask.array.map_overlap` with ``boundary="none"`` and
+:func:`predict_pixels_rf` runs :func:`~daskpath._halo.overlap_2d` (the halo rule of
+:mod:`daskpath._halo`: no padding beyond the slide edge) with
 ``depth = int(4 * sigma_max + 0.5) + 2`` px (Gaussian radius at truncate 4, plus one pixel for
 each of the two ``np.gradient`` passes of the Hessian; Sobel needs one): every kept pixel sees
 its whole support, and at the slide edges the filters see the same edge as in a whole-image run.
@@ -54,6 +55,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from daskpath._halo import gaussian_radius, overlap_2d
 from daskpath.baselines._common import (
     BINS,
     as_rgb_dask,
@@ -63,7 +65,7 @@ from daskpath.baselines._common import (
     resolve_model,
     write_spec,
 )
-from daskpath.errors import ConfigError, DaskpathError, ModelError
+from daskpath.errors import ConfigError, DaskpathError, InvalidInputError, ModelError, ModelNotFoundError
 
 __all__ = [
     "RFSpec",
@@ -145,7 +147,7 @@ class RFSpec:
     @property
     def depth(self) -> int:
         """Halo (px) that makes chunked features equal whole-image features."""
-        radius = int(4.0 * float(self.sigma_max) + 0.5)  # skimage gaussian: truncate=4
+        radius = gaussian_radius(float(self.sigma_max), truncate=4.0)  # skimage gaussian's rule
         return radius + 2  # + two np.gradient passes (texture); Sobel needs only one
 
     @property
@@ -276,8 +278,8 @@ def _load(folder: str) -> tuple[Any, RFSpec]:
     spec = RFSpec.from_json(read_spec(path, "rf"), source=str(path / "daskpath.json"))
     wpath = path / spec.weights
     if not wpath.is_file():
-        raise ModelError(f"{wpath}: model file missing; restore it or retrain with "
-                         "python -m daskpath.baselines.rf")
+        raise ModelNotFoundError(f"{wpath}: model file missing; restore it or retrain with "
+                                 "python -m daskpath.baselines.rf")
     try:
         clf = sio.load(wpath, trusted=_TRUSTED)
     except Exception as e:  # noqa: BLE001 - skops raises many kinds on bad files
@@ -333,32 +335,13 @@ def save_rf(folder: str | os.PathLike[str], clf: Any, spec: RFSpec) -> Path:
 class _ClassifyBlock:
     """Picklable per-chunk function: load the forest from the process cache, classify the core."""
 
-    def __init__(self, folder: str, shape: tuple[int, int], depth: int) -> None:
-        self.folder, self.shape, self.depth = folder, shape, depth
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
 
-    def __call__(self, block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    def __call__(self, block: np.ndarray, core: tuple[slice, slice]) -> np.ndarray:
         clf, spec = load_rf(self.folder)
-        (y0, y1), (x0, x1) = block_info[None]["array-location"][:2]
-        h, w = self.shape
-        top, left = min(self.depth, y0), min(self.depth, x0)
-        bottom, right = min(self.depth, h - y1), min(self.depth, w - x1)
-        if block.shape[0] != top + (y1 - y0) + bottom or block.shape[1] != left + (x1 - x0) + right:
-            raise DaskpathError(f"rf: halo'd block {block.shape[:2]} does not match core "
-                                f"{(y1 - y0, x1 - x0)} + depth {self.depth} (chunks smaller than the halo?)")
-        return classify_image(block, clf, spec, core=(top, top + y1 - y0, left, left + x1 - x0))
-
-
-def _min_chunks(chunks: tuple[int, ...], m: int) -> tuple[int, ...]:
-    """Merge chunks smaller than ``m`` into a neighbour (map_overlap needs chunks >= depth)."""
-    out: list[int] = []
-    for c in chunks:
-        if out and (out[-1] < m or c < m):
-            out[-1] += c
-        else:
-            out.append(c)
-    if len(out) > 1 and out[-1] < m:
-        out[-2] += out.pop()
-    return tuple(out)
+        rows, cols = core
+        return classify_image(block, clf, spec, core=(rows.start, rows.stop, cols.start, cols.stop))
 
 
 def predict_pixels_rf(he: Any, model: str | os.PathLike[str] = "phantom"):
@@ -374,26 +357,23 @@ def predict_pixels_rf(he: Any, model: str | os.PathLike[str] = "phantom"):
     Returns
     -------
     dask.array.Array
-        Same spatial chunks as ``he`` (chunks smaller than the halo are merged first).
+        Same spatial chunks as ``he`` (chunks thinner than the halo are merged first, see
+        :func:`~daskpath._halo.align_chunks`).
 
     Notes
     -----
-    ``map_overlap`` with ``depth = spec.depth`` (``int(4 sigma_max + 0.5) + 2``) and
-    ``boundary="none"``: the result equals a whole-image classification whatever the chunks.
+    :func:`~daskpath._halo.overlap_2d` with ``depth = spec.depth`` (``int(4 sigma_max + 0.5) +
+    2``), no padding at the slide edge: the result equals a whole-image classification whatever
+    the chunks.
     """
-    import dask.array as da
+    from dask.base import tokenize
 
     he = as_rgb_dask(he)
     folder = resolve_model("rf", model)
     _, spec = load_rf(folder)  # fail early on a bad model; cached for the local process
-    d = spec.depth
-    cy, cx = _min_chunks(he.chunks[0], d), _min_chunks(he.chunks[1], d)
-    if (cy, cx) != he.chunks[:2]:
-        he = he.rechunk((cy, cx, 3))
-    fn = _ClassifyBlock(str(folder), he.shape[:2], d)
-    return da.map_overlap(fn, he, depth={0: d, 1: d, 2: 0}, boundary="none", trim=False,
-                          chunks=he.chunks[:2], drop_axis=2, dtype=np.uint8,
-                          meta=np.empty((0, 0), np.uint8), name="rf-classes")
+    # the forest classifies the core only (features see the halo as context): trim=False
+    return overlap_2d(_ClassifyBlock(str(folder)), he, depth=spec.depth, dtype=np.uint8, trim=False,
+                      drop_axis=2, name=f"rf-classes-{tokenize(he, str(folder), spec.to_json())}")
 
 
 def _count_block(classes: np.ndarray, rects: np.ndarray) -> np.ndarray:
@@ -422,7 +402,7 @@ def _assemble(tiles: pd.DataFrame, parts: list[np.ndarray], index: list[np.ndarr
 
 
 def predict_tiles_rf(he: Any, tiles: pd.DataFrame, model: str | os.PathLike[str] = "phantom", *,
-                     compute: bool = True):
+                     compute: bool = True, record_dir: str | os.PathLike[str] | None = None):
     """Ki67 area ratio per tile from H&E alone, by the random-forest pixel classifier.
 
     Parameters
@@ -435,6 +415,9 @@ def predict_tiles_rf(he: Any, tiles: pd.DataFrame, model: str | os.PathLike[str]
         Shipped model name (``"phantom"``) or model folder.
     compute : bool
         ``False``: return a :class:`dask.delayed.Delayed` of the DataFrame (nothing runs).
+    record_dir : path, optional
+        Record each chunk's pixel counts as ``record_dir/<i>_<j>.npz``; a rerun loads them
+        instead of classifying the chunk again (resume after an interrupt).
 
     Returns
     -------
@@ -449,7 +432,7 @@ def predict_tiles_rf(he: Any, tiles: pd.DataFrame, model: str | os.PathLike[str]
 
     Raises
     ------
-    SlideError, ConfigError, ModelError
+    InvalidInputError, ModelError
         Wrong dtype / shape of ``he``, a bad tile table, a missing or corrupt model.
     """
     import dask
@@ -474,7 +457,12 @@ def predict_tiles_rf(he: Any, tiles: pd.DataFrame, model: str | os.PathLike[str]
             rects = np.stack([np.maximum(ty0[sel], oy[i]) - oy[i], np.minimum(ty1[sel], oy[i + 1]) - oy[i],
                               np.maximum(tx0[sel], ox[j]) - ox[j], np.minimum(tx1[sel], ox[j + 1]) - ox[j]],
                              axis=1)
-            parts.append(dask.delayed(_count_block, pure=True)(blocks[i, j], rects))
+            part = dask.delayed(_count_block, pure=True)(blocks[i, j], rects)
+            if record_dir is not None:
+                from daskpath.resume import recorded
+
+                part, _ = recorded(part, Path(record_dir) / f"{i}_{j}.npz", "npz")
+            parts.append(part)
             index.append(sel)
     result = dask.delayed(_assemble, pure=True)(tiles, parts, index, str(model))
     return result.compute() if compute else result
@@ -576,11 +564,11 @@ def train_rf(
 
     spec = spec or RFSpec()
     if not seeds:
-        raise ConfigError("train rf: seeds is empty; give at least one training phantom seed")
+        raise InvalidInputError("train rf: seeds is empty; give at least one training phantom seed")
     overlap = sorted(set(seeds) & set(heldout_seeds))
     if overlap:
-        raise ConfigError(f"train rf: seed {overlap[0]} is both a training and a held-out slide; "
-                          "keep the split slide-level")
+        raise InvalidInputError(f"train rf: seed {overlap[0]} is both a training and a held-out slide; "
+                                "keep the split slide-level")
     rng = np.random.default_rng(seed)
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     wd = Path(tmp.name if tmp else workdir)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daskpath.errors import ModelError
+from daskpath.errors import ModelError, ModelNotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -182,8 +182,8 @@ def find_weights(folder: Path, spec: GeneratorSpec | None = None) -> Path:
     if spec is not None and spec.weights:
         p = folder / spec.weights
         if not p.is_file():
-            raise ModelError(f"{folder / SPEC_NAME}: weights {spec.weights!r} not found in {folder}; "
-                             "fix the 'weights' key or restore the file")
+            raise ModelNotFoundError(f"{folder / SPEC_NAME}: weights {spec.weights!r} not found in "
+                                     f"{folder}; fix the 'weights' key or restore the file")
         return p
     for name in ("latest_net_G.pth", "latest_net_G_A.pth"):
         if (folder / name).is_file():
@@ -195,8 +195,8 @@ def find_weights(folder: Path, spec: GeneratorSpec | None = None) -> Path:
             epochs.append((int(m.group(1)), m.group(2) is None, p))
     if epochs:
         return max(epochs)[2]
-    raise ModelError(f"{folder}: no generator weights (latest_net_G.pth, latest_net_G_A.pth or "
-                     "<epoch>_net_G_A.pth); point to a checkpoint folder or a .pth file")
+    raise ModelNotFoundError(f"{folder}: no generator weights (latest_net_G.pth, latest_net_G_A.pth "
+                             "or <epoch>_net_G_A.pth); point to a checkpoint folder or a .pth file")
 
 
 def read_spec(folder: Path) -> GeneratorSpec | None:
@@ -248,7 +248,7 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
     import torch
 
     if not path.is_file():
-        raise ModelError(f"{path}: checkpoint not found; check the path")
+        raise ModelNotFoundError(f"{path}: checkpoint not found; check the path")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
@@ -322,9 +322,9 @@ def _resolve(model: str | Path) -> tuple[Path, Path | None]:
     if p.is_file():
         return p, None
     if isinstance(model, str) and not any(c in model for c in "/\\") and not p.suffix:
-        raise ModelError(f"translate model {model!r} is neither a shipped model "
-                         f"({', '.join(SHIPPED_MODELS)}) nor an existing path; fix translate.model")
-    raise ModelError(f"{p}: model file or folder not found; check translate.model")
+        raise ModelNotFoundError(f"translate model {model!r} is neither a shipped model "
+                                 f"({', '.join(SHIPPED_MODELS)}) nor an existing path; fix translate.model")
+    raise ModelNotFoundError(f"{p}: model file or folder not found; check translate.model")
 
 
 def load_generator(

@@ -133,7 +133,7 @@ def evaluate_pairs(model: str | Path, root: str | Path, split: str = "test", *, 
     """
     from PIL import Image
 
-    from daskpath.errors import ConfigError
+    from daskpath.errors import InvalidInputError
     from daskpath.translate.checkpoints import load_generator
     from daskpath.translate.inference import (TranslatorRef, auto_tile, get_generator, resolve_translator,
                                               sample_tiles, slide_norm_stats, translate_array)
@@ -141,12 +141,12 @@ def evaluate_pairs(model: str | Path, root: str | Path, split: str = "test", *, 
 
     root = Path(root)
     if not (root / "pairs.csv").is_file():
-        raise ConfigError(f"{root / 'pairs.csv'} not found; export tile pairs first "
-                          "(daskpath.translate.tilepairs.export_tile_pairs)")
+        raise InvalidInputError(f"{root / 'pairs.csv'} not found; export tile pairs first "
+                                "(daskpath.translate.tilepairs.export_tile_pairs)")
     pairs = pd.read_csv(root / "pairs.csv")
     pairs = pairs[pairs["split"] == split].reset_index(drop=True)
     if pairs.empty:
-        raise ConfigError(f"{root / 'pairs.csv'} has no {split!r} tiles; export with a test_fraction > 0")
+        raise InvalidInputError(f"{root / 'pairs.csv'} has no {split!r} tiles; export with a test_fraction > 0")
     ref = resolve_translator(model)
     spec = ref.spec
 

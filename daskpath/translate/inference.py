@@ -2,12 +2,13 @@
 
 Tiling and halo rule
 --------------------
-Every dask chunk is read with a halo of ``halo`` pixels (``map_overlap``, ``boundary="none"``:
-no halo beyond the slide edge, as in a whole-image run). Inside the halo'd block, windows of
-``tile`` pixels step by ``core = tile - 2 * halo``; each window contributes only its core (it is
-**center-cropped** by ``halo`` on every side that is not a block edge), or, with
-``blend="feather"``, all of it with weights that ramp linearly to zero over the ``halo`` px next
-to its inner edges. Windows are stacked ``batch_size`` at a time into one forward pass.
+Every dask chunk is read with a halo of ``halo`` pixels (:func:`~daskpath._halo.overlap_2d`,
+the halo rule of :mod:`daskpath._halo`: no halo beyond the slide edge, as in a whole-image
+run). Inside the halo'd block, windows of ``tile`` pixels step by ``core = tile - 2 * halo``;
+each window contributes only its core (it is **center-cropped** by ``halo`` on every side that
+is not a block edge), or, with ``blend="feather"``, all of it with weights that ramp linearly
+to zero over the ``halo`` px next to its inner edges. Windows are stacked ``batch_size`` at a
+time into one forward pass.
 
 With ``halo`` at least half the generator's receptive field (88 px for ``resnet_9blocks``,
 64 for ``resnet_6blocks``; :attr:`GeneratorSpec.default_halo`) each kept output pixel sees all of
@@ -71,8 +72,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from daskpath._halo import halo_depth, overlap_2d
 from daskpath._process_cache import cached
-from daskpath.errors import ConfigError, ModelError
+from daskpath.errors import InvalidInputError, ModelError
 from daskpath.translate.checkpoints import GeneratorSpec, load_generator, read_spec, _resolve
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -462,7 +464,7 @@ def run_generator(net: nn.Module, batch: np.ndarray, spec: GeneratorSpec, *,
     dev = next(net.parameters()).device if device is None else _device(device)
     mode = ("fp16" if dev.type == "cuda" else None) if amp is None or amp is True else amp
     if mode and mode not in ("fp16", "bf16"):
-        raise ConfigError(f"amp={amp!r} must be None, False, 'fp16' or 'bf16'")
+        raise InvalidInputError(f"amp={amp!r} must be None, False, 'fp16' or 'bf16'")
     if not mode and not raw and dev.type == "cpu" and type(net).__name__ == "FastResnet":
         with torch.inference_mode():
             return net.forward_uint8(batch)
@@ -613,9 +615,9 @@ def translate_array(
     halo = int(spec.halo if halo is None else halo)
     m = spec.multiple
     if tile % m or tile <= 2 * halo:
-        raise ConfigError(f"translate: tile={tile} must be a multiple of {m} and > 2*halo ({2 * halo})")
+        raise InvalidInputError(f"translate: tile={tile} must be a multiple of {m} and > 2*halo ({2 * halo})")
     if blend not in ("crop", "feather"):
-        raise ConfigError(f"translate: blend={blend!r} must be 'crop' or 'feather'")
+        raise InvalidInputError(f"translate: blend={blend!r} must be 'crop' or 'feather'")
     h, w = rgb.shape[:2]
     # pad at the far end to the stride multiple (and to one window when the image is small)
     hp = max(-(-h // m) * m, min(tile, -(-h // m) * m))
@@ -706,21 +708,6 @@ def auto_tile(shape: tuple[int, ...], spec: GeneratorSpec, halo: int, cpu: bool)
     return int(max(spec.tile, min(side, CPU_MAX_TILE), 2 * halo + m))
 
 
-def _aligned(chunks: tuple[int, ...], m: int, depth: int) -> tuple[int, ...]:
-    """Chunks that are multiples of ``m`` and at least ``depth`` (the last takes the rest)."""
-    total = sum(chunks)
-    size = max(-(-max(chunks) // m) * m, -(-depth // m) * m, m)
-    n = max(1, total // size)
-    out = [size] * n
-    rest = total - size * n
-    if rest:
-        if rest < depth and out:
-            out[-1] += rest
-        else:
-            out.append(rest)
-    return tuple(out)
-
-
 def translate(
     he,
     model: str | os.PathLike[str] | TranslatorRef = "phantom",
@@ -749,9 +736,10 @@ def translate(
         Shipped model name (``"phantom"``), model folder, or checkpoint ``.pth``.
     tile, halo : int, optional
         Window side and per-side context margin. ``halo`` defaults to the spec's (at least half
-        the receptive field: keep it so, or seams appear); the dask ``map_overlap`` depth is
-        ``halo`` too. ``tile`` defaults to :func:`auto_tile`: on CPU one window per halo'd
-        chunk for ResNets (least recomputed overlap), the spec's ``tile`` on GPUs and for U-Nets.
+        the receptive field: keep it so, or seams appear); the dask halo depth is ``halo``
+        rounded up to the network stride. ``tile`` defaults to :func:`auto_tile`: on CPU one
+        window per halo'd chunk for ResNets (least recomputed overlap), the spec's ``tile`` on
+        GPUs and for U-Nets.
     batch_size : int
         Windows per forward pass.
     blend : {"crop", "feather"}
@@ -781,7 +769,8 @@ def translate(
     Returns
     -------
     dask.array.Array, shape (y, x, 3), uint8
-        Chunked like ``he`` (rechunked to multiples of the network stride if needed).
+        Chunked like ``he`` (rechunked to multiples of the network stride, and chunks thinner
+        than the halo merged, if needed: :func:`~daskpath._halo.align_chunks`).
     """
     import dask
     import dask.array as da
@@ -789,7 +778,8 @@ def translate(
     if not isinstance(he, da.Array):
         he = da.asarray(he)
     if he.ndim != 3 or he.shape[2] != 3 or he.dtype != np.uint8:
-        raise ConfigError(f"translate: expected a (y, x, 3) uint8 RGB array, got {he.shape} {he.dtype}")
+        raise InvalidInputError(f"translate: expected a (y, x, 3) uint8 RGB array, got {he.shape} {he.dtype}; "
+                                "pass the H&E as 8-bit RGB (drop alpha)")
     ref = resolve_translator(model)
     spec = ref.spec
     halo = int(spec.halo if halo is None else halo)
@@ -797,9 +787,9 @@ def translate(
     if tile is not None:
         tile = int(tile)
         if tile % m or tile <= 2 * halo or halo < 0:
-            raise ConfigError(f"translate: tile={tile} must be a multiple of {m} and > 2*halo ({2 * halo})")
+            raise InvalidInputError(f"translate: tile={tile} must be a multiple of {m} and > 2*halo ({2 * halo})")
     elif halo < 0 or halo >= spec.tile // 2:
-        raise ConfigError(f"translate: halo={halo} must be >= 0 and < tile/2 ({spec.tile // 2})")
+        raise InvalidInputError(f"translate: halo={halo} must be >= 0 and < tile/2 ({spec.tile // 2})")
     if isinstance(norm_stats, NormStats):
         ref = TranslatorRef(ref.model, spec, "slide", norm_stats, optimize)
     else:
@@ -807,7 +797,7 @@ def translate(
         if mode == "auto":
             mode = "slide" if spec.norm == "instance" else "running"
         if mode not in ("slide", "tile", "running"):
-            raise ConfigError(f"translate: norm_stats={norm_stats!r} must be auto, slide, tile or running")
+            raise InvalidInputError(f"translate: norm_stats={norm_stats!r} must be auto, slide, tile or running")
         if mode == "running" and spec.norm == "instance":
             mode = "tile"  # instance norm has no running statistics
         stats = None
@@ -818,17 +808,10 @@ def translate(
         ref = TranslatorRef(ref.model, spec, mode, stats, optimize)
     # window origins on the stride grid: chunks and depth multiples of 4 for ResNets
     step = 4 if m == 4 else 1
-    depth = -(-halo // step) * step
-    he = he.rechunk({0: _aligned(he.chunks[0], step, depth), 1: _aligned(he.chunks[1], step, depth),
-                     2: 3})
     fn = _TranslateBlock(ref, tile, halo, batch_size, blend, device, amp, torch_threads)
-    ctx = dask.annotate(resources=resources) if resources else contextlib.nullcontext()
-    with ctx:
-        out = da.map_overlap(fn, he, depth={0: depth, 1: depth, 2: 0}, boundary="none", trim=True,
-                             dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8),
-                             name=f"translate-{hashlib.sha1(repr((ref.key, tile, halo, blend, amp)).encode()).hexdigest()[:8]}"
-                             + "-" + dask.base.tokenize(he))
-    return out
+    key = hashlib.sha1(repr((ref.key, tile, halo, blend, amp)).encode()).hexdigest()[:8]
+    return overlap_2d(fn, he, depth=halo_depth(halo, multiple=step), multiple=step, dtype=np.uint8,
+                      resources=resources, name=f"translate-{key}-{dask.base.tokenize(he)}")
 
 
 # --------------------------------------------------------------------------------------------

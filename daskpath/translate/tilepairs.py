@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from daskpath.errors import ConfigError
+from daskpath.errors import InvalidInputError
 
 __all__ = ["RunInputs", "run_inputs", "kept_tiles", "split_slides", "export_tile_pairs", "LAYOUTS"]
 
@@ -81,7 +81,7 @@ def run_inputs(config: str | os.PathLike[str] | None = None, run_dir: str | os.P
 
     Raises
     ------
-    ConfigError
+    InvalidInputError
         Neither a config nor a run folder, or no manifest.
     """
     cache, chunk = None, None
@@ -96,10 +96,10 @@ def run_inputs(config: str | os.PathLike[str] | None = None, run_dir: str | os.P
         cache = Path(cfg.cache_dir) if cfg.cache_dir else None
         chunk = cfg.chunk_size
     if run_dir is None:
-        raise ConfigError("train from a run: pass --config RUN.yaml (the run's config) or --from-run OUTPUT_DIR")
+        raise InvalidInputError("train from a run: pass --config RUN.yaml (the run's config) or --from-run OUTPUT_DIR")
     if slides is None:
-        raise ConfigError(f"train from run {run_dir}: the slide manifest is unknown; pass --slides "
-                          "MANIFEST.csv (the one the run used) or --config RUN.yaml")
+        raise InvalidInputError(f"train from run {run_dir}: the slide manifest is unknown; pass --slides "
+                                "MANIFEST.csv (the one the run used) or --config RUN.yaml")
     run_dir = Path(run_dir).expanduser()
     return RunInputs(run_dir, Path(slides).expanduser(), cache or run_dir / "cache", chunk)
 
@@ -109,25 +109,25 @@ def kept_tiles(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
     Raises
     ------
-    ConfigError
+    InvalidInputError
         Missing run folder or ``tiles.parquet``, missing columns, or no kept tile.
     """
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
-        raise ConfigError(f"run folder {run_dir} not found; pass the output_dir of a finished `daskpath run`")
+        raise InvalidInputError(f"run folder {run_dir} not found; pass the output_dir of a finished `daskpath run`")
     path = run_dir / "tiles.parquet"
     if not path.is_file():
-        raise ConfigError(f"{path} not found; run `daskpath run CONFIG.yaml` first (its preprocess "
-                          "stage writes the tile table)")
+        raise InvalidInputError(f"{path} not found; run `daskpath run CONFIG.yaml` first (its preprocess "
+                                "stage writes the tile table)")
     tiles = pd.read_parquet(path)
     missing = [c for c in _NEEDED if c not in tiles.columns]
     if missing:
-        raise ConfigError(f"{path} lacks column(s) {', '.join(missing)}; it is not a daskpath tile "
-                          "table: rerun `daskpath run`")
+        raise InvalidInputError(f"{path} lacks column(s) {', '.join(missing)}; it is not a daskpath tile "
+                                "table: rerun `daskpath run`")
     kept = tiles[tiles["keep"].astype(bool)].reset_index(drop=True)
     if kept.empty:
-        raise ConfigError(f"{path} has no kept tiles (keep = tissue >= tiles.min_tissue and SSIM >= "
-                          "ssim.threshold); check the pairs are registered or lower ssim.threshold and rerun")
+        raise InvalidInputError(f"{path} has no kept tiles (keep = tissue >= tiles.min_tissue and SSIM >= "
+                                "ssim.threshold); check the pairs are registered or lower ssim.threshold and rerun")
     return kept
 
 
@@ -151,14 +151,14 @@ def split_slides(slides: Sequence[str], test_fraction: float = 0.25, seed: int =
     try:
         f = float(test_fraction)
     except (TypeError, ValueError):
-        raise ConfigError(f"test_fraction={test_fraction!r} must be a number in (0, 1), e.g. 0.25") from None
+        raise InvalidInputError(f"test_fraction={test_fraction!r} must be a number in (0, 1), e.g. 0.25") from None
     if not 0.0 < f < 1.0:
-        raise ConfigError(f"test_fraction={test_fraction!r} must be > 0 and < 1, e.g. 0.25 to hold "
-                          "out a quarter of the slides")
+        raise InvalidInputError(f"test_fraction={test_fraction!r} must be > 0 and < 1, e.g. 0.25 to hold "
+                                "out a quarter of the slides")
     uniq = sorted({str(s) for s in slides})
     if len(uniq) < 2:
-        raise ConfigError(f"a slide-level train/test split needs at least 2 slides with kept tiles, got "
-                          f"{len(uniq)} ({', '.join(uniq) or 'none'}); add slides to the run")
+        raise InvalidInputError(f"a slide-level train/test split needs at least 2 slides with kept tiles, got "
+                                f"{len(uniq)} ({', '.join(uniq) or 'none'}); add slides to the run")
     order = np.random.default_rng(int(seed)).permutation(len(uniq))
     n_test = min(len(uniq) - 1, max(1, int(round(f * len(uniq)))))
     test = {uniq[i] for i in order[:n_test]}
@@ -219,19 +219,19 @@ def export_tile_pairs(
     from daskpath.io import open_pair, read_manifest, region_source
 
     if layout not in LAYOUTS:
-        raise ConfigError(f"layout={layout!r} must be one of {', '.join(LAYOUTS)}")
+        raise InvalidInputError(f"layout={layout!r} must be one of {', '.join(LAYOUTS)}")
     if not isinstance(run, RunInputs):
         if manifest is None:
-            raise ConfigError(f"export from run {run}: pass manifest= (the run's slide manifest)")
+            raise InvalidInputError(f"export from run {run}: pass manifest= (the run's slide manifest)")
         run = RunInputs(Path(run).expanduser(), Path(manifest).expanduser(), Path(run).expanduser() / "cache")
     if max_tiles_per_slide is not None and int(max_tiles_per_slide) < 1:
-        raise ConfigError(f"max_tiles_per_slide={max_tiles_per_slide!r} must be >= 1 (or None for all)")
+        raise InvalidInputError(f"max_tiles_per_slide={max_tiles_per_slide!r} must be >= 1 (or None for all)")
     kept = kept_tiles(run.run_dir)
     man = read_manifest(run.manifest).set_index("slide")
     unknown = sorted(set(kept["slide"]) - set(man.index))
     if unknown:
-        raise ConfigError(f"slide(s) {', '.join(map(str, unknown[:3]))} of {run.run_dir / 'tiles.parquet'} "
-                          f"are not in manifest {run.manifest}; pass the manifest the run used")
+        raise InvalidInputError(f"slide(s) {', '.join(map(str, unknown[:3]))} of {run.run_dir / 'tiles.parquet'} "
+                                f"are not in manifest {run.manifest}; pass the manifest the run used")
     if max_tiles_per_slide is not None:
         n = int(max_tiles_per_slide)
         rows = []

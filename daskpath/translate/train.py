@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daskpath.errors import ConfigError, DaskpathError
+from daskpath.errors import ConfigError, DaskpathError, InvalidInputError, ModelError
 from daskpath.translate.checkpoints import GeneratorSpec, SPEC_NAME, build_generator
 from daskpath.translate.networks import define_D, init_weights
 
@@ -175,7 +175,7 @@ def phantom_pairs(
             out.append((he, ihc))
             got += 1
     if not out:
-        raise DaskpathError("phantom_pairs: no region with enough tissue; lower min_tissue")
+        raise InvalidInputError("phantom_pairs: no region with enough tissue; lower min_tissue")
     return out
 
 
@@ -195,25 +195,25 @@ def folder_pairs(root: str | os.PathLike[str], split: str = "train") -> list[tup
         fa = sorted(p for p in da_.iterdir() if p.suffix.lower() in exts)
         fb = sorted(p for p in db_.iterdir() if p.suffix.lower() in exts)
         if not fa or len(fa) != len(fb):
-            raise DaskpathError(f"{root}: {len(fa)} images in {split}A but {len(fb)} in {split}B; "
-                                "they must pair one to one by sorted name")
+            raise InvalidInputError(f"{root}: {len(fa)} images in {split}A but {len(fb)} in {split}B; "
+                                    "they must pair one to one by sorted name")
         return [(np.asarray(Image.open(a).convert("RGB")), np.asarray(Image.open(b).convert("RGB")))
                 for a, b in zip(fa, fb)]
     if ab.is_dir():
         files = sorted(p for p in ab.iterdir() if p.suffix.lower() in exts)
         if not files:
-            raise DaskpathError(f"{ab}: no images; export tile pairs there (daskpath train translator --config RUN.yaml)")
+            raise InvalidInputError(f"{ab}: no images; export tile pairs there (daskpath train translator --config RUN.yaml)")
         out = []
         for f in files:
             img = np.asarray(Image.open(f).convert("RGB"))
             if img.shape[1] % 2:
-                raise DaskpathError(f"{f}: aligned A|B image has an odd width {img.shape[1]}; "
-                                    "it must be A and B side by side")
+                raise InvalidInputError(f"{f}: aligned A|B image has an odd width {img.shape[1]}; "
+                                        "it must be A and B side by side")
             w = img.shape[1] // 2
             out.append((img[:, :w], img[:, w:]))
         return out
-    raise DaskpathError(f"{root}: needs {split}A/ and {split}B/ (or an aligned {split}/) folder of images; "
-                        "export tile pairs there")
+    raise InvalidInputError(f"{root}: needs {split}A/ and {split}B/ (or an aligned {split}/) folder of images; "
+                            "export tile pairs there")
 
 
 class PairSampler:
@@ -222,9 +222,9 @@ class PairSampler:
     def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]], crop: int, paired: bool = True) -> None:
         for a, b in pairs:
             if min(a.shape[:2]) < crop or min(b.shape[:2]) < crop:
-                raise DaskpathError(f"PairSampler: image {a.shape[:2]} smaller than crop={crop}")
+                raise InvalidInputError(f"PairSampler: image {a.shape[:2]} smaller than crop={crop}")
             if paired and a.shape != b.shape:
-                raise DaskpathError(f"PairSampler: paired images differ in shape {a.shape} vs {b.shape}")
+                raise InvalidInputError(f"PairSampler: paired images differ in shape {a.shape} vs {b.shape}")
         self.pairs, self.crop, self.paired = pairs, crop, paired
 
     def _crop(self, img: np.ndarray, rng: np.random.Generator, yx=None) -> tuple[np.ndarray, tuple]:
@@ -398,8 +398,8 @@ def _init_generator(net: nn.Module, source: str) -> None:
     copied = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k.endswith(".weight") and own[k].dim() == 4 and k not in copied]
     if missing:
-        raise DaskpathError(f"init_from {source}: no weights for {missing[:3]}; "
-                            "the architectures (arch, ngf) must match")
+        raise ModelError(f"init_from {source}: no weights for {missing[:3]}; "
+                         "the architectures (arch, ngf) must match")
     net.load_state_dict(copied, strict=False)
 
 
@@ -499,7 +499,7 @@ def train(
     state_path = out / "train_state.pt"
     if resume:
         if not state_path.is_file():
-            raise DaskpathError(f"{state_path}: nothing to resume from; run without --resume first")
+            raise InvalidInputError(f"{state_path}: nothing to resume from; run without --resume first")
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         for k, n in nets.items():
             n.load_state_dict(torch.load(out / f"latest_net_{k}.pth", map_location="cpu", weights_only=True))

@@ -1,0 +1,404 @@
+"""The run loop: slides flow through the registered stages, a bounded window at a time.
+
+Each slide runs in one client-side thread that takes it through the configured stages in
+registry order: for every stage it computes the fingerprint (:mod:`daskpath.publish`), reuses
+the published result when the fingerprint is unchanged, otherwise runs the stage (its chunk
+tasks go to the cluster; finished chunks are recorded, so an interrupted stage resumes) and
+publishes it. A slide's nuclei start while the next slide is preprocessed: there is no barrier
+between stages, and at most ``window`` slides are in flight, so memory stays flat.
+
+Graph building is serialised by one lock (``dask.annotate`` sets process-global config), and
+released while a thread waits for the cluster, so threads overlap on the cluster, not in the
+client. A signal sets the stop event: slide threads cancel their futures and stop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import logging
+import re
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from daskpath.config import Config
+from daskpath.errors import DaskpathError
+from daskpath.outputs import read_table, write_json, write_table
+from daskpath.publish import (
+    SlideState,
+    describe_changes,
+    file_identity,
+    internal_dir,
+    model_identity,
+    prune_work,
+    read_done,
+    stage_fingerprint,
+    write_done,
+)
+from daskpath.stages import Interrupted, SlideContext, Stage, get_stage, stage_names
+
+__all__ = ["RunResult", "run_slides", "slide_key"]
+
+log = logging.getLogger("daskpath.pipeline")
+
+#: serialises graph building across slide threads (released while waiting on the cluster)
+BUILD_LOCK = threading.RLock()
+
+
+@dataclass
+class RunResult:
+    """What :func:`daskpath.pipeline.run` produced."""
+
+    output_dir: Path
+    tiles: pd.DataFrame
+    slides: pd.DataFrame
+    failures: pd.DataFrame
+    seconds: float
+    chunks_computed: int = 0
+    chunks_total: int = 0
+    #: per slide and stage: ``{"fp", "recomputed", "chunks", "chunks_resumed"}``
+    stages: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failures.empty
+
+    def recomputed(self, slide: str) -> list[str]:
+        """The stages run (not reused) for ``slide`` in this run."""
+        return [s for s, v in self.stages.get(slide, {}).items() if v.get("recomputed")]
+
+
+@dataclass
+class SlideOutcome:
+    slide: str
+    parts: dict[str, pd.DataFrame] = field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failure: dict[str, str] | None = None
+    message: str = ""
+
+
+def slide_key(slide: str) -> str:
+    """A file-name-safe, unique key of a slide id for daskpath's internal folders."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", slide).strip("._") or "slide"
+    if safe == slide:
+        return slide
+    return f"{safe[:80]}-{hashlib.sha256(slide.encode()).hexdigest()[:8]}"
+
+
+class _Progress:
+    """Slides and chunks progress (tqdm bars, or a callable ``(slide, done, total)``)."""
+
+    def __init__(self, progress: bool | Callable[[str, int, int], None], total: int):
+        self.cb = progress if callable(progress) else None
+        self.total = total
+        self.done = 0
+        self.lock = threading.Lock()
+        self.bars = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            self.bars = (
+                tqdm(total=total, unit="slide", desc="slides", position=0),
+                tqdm(total=0, unit="chunk", desc="chunks", position=1, leave=False),
+            )
+
+    def chunks(self, submitted: int, finished: int) -> None:
+        if self.bars is None:
+            return
+        with self.lock:
+            if submitted:
+                self.bars[1].total += submitted
+                self.bars[1].refresh()
+            if finished:
+                self.bars[1].update(finished)
+
+    def slide(self, slide: str) -> None:
+        with self.lock:
+            self.done += 1
+            if self.bars is not None:
+                self.bars[0].update(1)
+                self.bars[0].set_postfix_str(slide)
+            elif self.cb is not None:
+                self.cb(slide, self.done, self.total)
+
+    def close(self) -> None:
+        if self.bars is not None:
+            for b in self.bars:
+                b.close()
+
+
+class _LockedContext(SlideContext):
+    """SlideContext whose compute releases the build lock while it waits for the cluster."""
+
+    _announced: dict[str, int]
+
+    def compute(self, tasks, **kw):  # type: ignore[override]
+        c = self.counts.get(self.stage)
+        if c is not None and c.done > self._announced.get(self.stage, 0):
+            log.info("slide %s: %s: resuming, %d of %d chunks done", self.slide, self.stage, c.done, c.total)
+            self._announced[self.stage] = c.done
+        BUILD_LOCK.release()
+        try:
+            return super().compute(tasks, **kw)
+        finally:
+            BUILD_LOCK.acquire()
+
+
+def _change_line(slide: str, recomputed: list[str], changes: list[str], first: bool, reused: list[str]) -> str:
+    if not recomputed:
+        return f"slide {slide}: up to date ({', '.join(reused)} reused)"
+    if first:
+        return f"slide {slide}: {', '.join(recomputed)} computed"
+    causes = [c for c in dict.fromkeys(changes)]
+    if len(causes) > 1 and "kept tiles" in causes:
+        causes.remove("kept tiles")  # a consequence of the other changes
+    what = ", ".join(causes) if causes else "unfinished or missing results"
+    return f"slide {slide}: {what} changed: {', '.join(recomputed)} recomputed"
+
+
+def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, out: Path, client,
+               stop: threading.Event, progress: _Progress) -> SlideOutcome:
+    slide = row.slide
+    res = SlideOutcome(slide)
+    key = slide_key(slide)
+    state = SlideState(out, slide, key)
+    work_root = internal_dir(out) / "work" / key
+    ctx = _LockedContext(slide=slide, he=row.he, ihc=row.ihc, cfg=cfg, out=out, client=client,
+                         stop=stop, on_chunks=progress.chunks)
+    ctx._announced = {}
+    inputs = {"he": file_identity(row.he), "ihc": file_identity(row.ihc)}
+    info = {"tiles.min_tissue": cfg.tiles.min_tissue, "ssim.threshold": cfg.ssim.threshold}
+    recomputed, reused, changes, first = [], [], [], True
+    current_dirs = []
+    stage = "open"
+    BUILD_LOCK.acquire()
+    try:
+        for st in stages:
+            stage = st.name
+            ctx.stage = st.name
+            if stop.is_set():
+                raise Interrupted("interrupted")
+            fp, record = stage_fingerprint(st.name, st.version, st.keys(cfg), inputs, models[st.name],
+                                           st.upstream(ctx))
+            ctx.fps[st.name] = fp
+            work = work_root / f"{st.name}-{fp}"
+            current_dirs.append(work.name)
+            arts = st.artefacts(cfg)
+            prev = state.get(st.name)
+            part_path = work / "part.parquet"
+            done = (not cfg.overwrite and read_done(work) is not None and part_path.exists()
+                    and _published(state, st.name, fp, record, work, arts, info))
+            if done:
+                part = read_table(part_path)
+                reused.append(st.name)
+                res.stages[st.name] = {"fp": fp, "recomputed": False, "chunks": 0, "chunks_resumed": 0}
+            else:
+                if prev and prev.get("record"):
+                    first = False
+                    diff = describe_changes(prev["record"], record)
+                    changes += diff
+                    if "kept tiles" in diff:
+                        changes += [k for k, v in info.items() if (prev.get("info") or {}).get(k) != v]
+                if cfg.overwrite or read_done(work) is not None:
+                    shutil.rmtree(work, ignore_errors=True)  # a finished result we cannot use
+                work.mkdir(parents=True, exist_ok=True)
+                ctx.work = work
+                part = st.run(ctx)
+                write_table(part, part_path)
+                write_done(work, record)
+                state.publish(st.name, fp, record, work, arts, info=info)
+                shutil.rmtree(work / "chunks", ignore_errors=True)
+                c = ctx.counts.get(st.name)
+                res.stages[st.name] = {"fp": fp, "recomputed": True,
+                                       "chunks": c.total if c else 0, "chunks_resumed": c.done if c else 0}
+                recomputed.append(st.name)
+            ctx.parts[st.name] = part
+            res.parts[st.name] = part
+        # stages of an earlier run that this run does not have: nothing may claim to be current
+        names = {s.name for s in stages}
+        for name in [n for n in state.data if n not in names]:
+            removed = state.unpublish(name)
+            if removed:
+                log.info("slide %s: stage %s not in this run: removed %s", slide, name, ", ".join(removed))
+        prune_work(work_root, current_dirs)
+        res.message = _change_line(slide, recomputed, changes, first, reused)
+        log.info("%s", res.message)
+    except Interrupted:
+        raise
+    except Exception as e:  # noqa: BLE001 - one bad slide must not sink the cohort
+        if stop.is_set():
+            raise Interrupted("interrupted") from e
+        msg = str(e) if isinstance(e, DaskpathError) else f"{type(e).__name__}: {e}"
+        msg = " ".join(msg.split())  # one line
+        log.debug("slide %s failed in %s:\n%s", slide, stage, traceback.format_exc())
+        res.failure = {"slide": slide, "stage": stage, "error": msg}
+    finally:
+        BUILD_LOCK.release()
+    progress.slide(slide)
+    return res
+
+
+def _published(state: SlideState, stage: str, fp: str, record: dict, work: Path, arts, info) -> bool:
+    """True when the finished result in ``work`` is (or could now be made) the published one.
+
+    A result finished but not (fully) published, by a run killed in between, is published here
+    instead of being computed again. False when an artefact is gone from both places.
+    """
+    if state.is_current(stage, fp, arts):
+        return True
+    try:
+        state.publish(stage, fp, record, work, arts, info=info)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: float) -> RunResult:
+    """Run the configured stages over the manifest's slides and assemble the tables."""
+    stages = [get_stage(n) for n in stage_names() if n in cfg.stages]
+    # model paths etc. are checked before any slide is touched; model files hashed once
+    models: dict[str, dict] = {}
+    for st in stages:
+        models[st.name] = {k: model_identity(p, name) for k, (p, name) in st.models(cfg).items()}
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    started = time.time()
+    n_workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+    window = max(2, n_workers)  # slides in flight: enough chunk tasks to keep every worker busy
+    stop = threading.Event()
+    prog = _Progress(progress, len(manifest))
+    outcomes: dict[str, SlideOutcome] = {}
+    pool = cf.ThreadPoolExecutor(max_workers=window, thread_name_prefix="daskpath-slide")
+    futs = {pool.submit(_run_slide, row, stages, models, cfg, out, client, stop, prog): row.slide
+            for row in manifest.itertuples(index=False)}
+    try:
+        pending = set(futs)
+        while pending:
+            done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                o = f.result()
+                outcomes[o.slide] = o
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        prog.close()
+        raise
+    pool.shutdown(wait=True)
+    prog.close()
+    return _assemble(cfg, manifest, out, stages, outcomes, t0, run_id, started)
+
+
+def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage],
+              outcomes: dict[str, SlideOutcome], t0: float, run_id: str, started: float) -> RunResult:
+    """Cohort tables from the current run's parts only; metrics, run.json, report."""
+    from daskpath.stages.preprocess import TILE_COLUMNS, keep_mask
+
+    parts, rows, failures = [], [], []
+    for slide in manifest["slide"]:
+        o = outcomes.get(slide)
+        if o is None:
+            continue
+        if o.failure is not None:
+            failures.append(o.failure)
+            continue
+        pre = o.parts["preprocess"]
+        keep = keep_mask(pre["tissue_fraction"], pre["ssim"], cfg).to_numpy()
+        cols: dict[str, Any] = {}
+        row: dict[str, Any] = {}
+        for st in stages:
+            p = o.parts[st.name]
+            cols |= st.tile_columns(p, keep, cfg)
+            row |= st.summarize(p, keep, cfg)
+        parts.append(pd.DataFrame(cols))
+        rows.append(row)
+    tiles = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TILE_COLUMNS)
+    slides = pd.DataFrame(rows)
+    write_table(tiles, out / "tiles.parquet")
+    write_table(slides, out / "slides.csv")
+    metrics = None
+    mpath = out / "metrics.json"
+    if "ratio_ihc" in tiles.columns:
+        from daskpath.metrics import score_table
+
+        kept = tiles[tiles["keep"]] if len(tiles) else tiles
+        metrics = {
+            "truth": "ratio_ihc (area ratio on the real IHC, nuclei stage)",
+            "tiles": score_table(kept),
+            "slides": score_table(slides) if len(slides) else {},
+            "n_tiles_kept": int(len(kept)),
+            **(
+                {
+                    "image_similarity_virtual_vs_real": {
+                        "ssim_mean": float(kept["ssim_virtual"].mean()),
+                        "psnr_mean_db": float(kept["psnr_virtual"].replace(np.inf, np.nan).mean()),
+                        "n": int(kept["ssim_virtual"].notna().sum()),
+                        "note": "consecutive sections: how IHC-like the virtual stain is, "
+                        "not a pixel-exact match",
+                    }
+                }
+                if "ssim_virtual" in kept.columns
+                else {}
+            ),
+            "n_slides": int(len(slides)),
+            "run_id": run_id,
+        }
+        write_json(metrics, mpath)
+    elif mpath.exists():
+        mpath.unlink()  # scores of stages this run does not have
+    fail_df = pd.DataFrame(failures, columns=["slide", "stage", "error"])
+    fpath = out / "failures.csv"
+    if failures:
+        write_table(fail_df, fpath)
+    elif fpath.exists():
+        fpath.unlink()
+    stage_info = {s: o.stages for s, o in outcomes.items()}
+    total = sum(v.get("chunks", 0) for st in stage_info.values() for v in st.values())
+    resumed = sum(v.get("chunks_resumed", 0) for st in stage_info.values() for v in st.values())
+    from daskpath import __version__
+
+    write_json({
+        "run_id": run_id,
+        "daskpath_version": __version__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "status": "complete" if not failures else "complete with failed slides",
+        "stages": [s.name for s in stages],
+        "slides": {s: {"status": "failed" if o.failure else "ok", "stages": o.stages,
+                       **({"failure": o.failure} if o.failure else {}), "message": o.message}
+                   for s, o in outcomes.items()},
+        "outputs": _published_files(out, outcomes, stages),
+    }, out / "run.json")
+    try:
+        from daskpath.report import write_report
+
+        write_report(out, tiles, slides, fail_df, cfg, metrics)
+    except ImportError as e:  # matplotlib is optional (extra "report")
+        log.warning("report.html not written: %s (pip install 'daskpath[report]')", e)
+    return RunResult(out, tiles, slides, fail_df, time.perf_counter() - t0,
+                     chunks_computed=total - resumed, chunks_total=total, stages=stage_info)
+
+
+def _published_files(out: Path, outcomes: dict[str, SlideOutcome], stages: list[Stage]) -> list[str]:
+    """Files of this run: the tables plus every published artefact of its slides and stages."""
+    files = ["tiles.parquet", "slides.csv", "report.html"]
+    if (out / "metrics.json").exists():
+        files.append("metrics.json")
+    if (out / "failures.csv").exists():
+        files.append("failures.csv")
+    for slide, o in outcomes.items():
+        if o.failure:
+            continue
+        st = SlideState(out, slide, slide_key(slide))
+        for s in stages:
+            files += (st.get(s.name) or {}).get("artefacts", [])
+    return files
+

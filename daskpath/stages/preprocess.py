@@ -1,0 +1,358 @@
+"""Stage ``preprocess``: tissue masks, SSIM map and the tile table of a slide pair.
+
+One task per chunk (:func:`preprocess_chunk`): it reads the chunk of both slides with its halo
+(one read per slide, through the picklable region reader), computes the tissue masks and the
+SSIM map with the same block kernels as the public :func:`daskpath.tissue.tissue_mask` /
+:func:`daskpath.similarity.ssim_map`, reduces them to per-tile partial sums and writes its
+region of the downsampled layers. Each finished chunk is recorded in the stage's work folder,
+so an interrupted run resumes chunk by chunk.
+
+The keep rule (``tiles.min_tissue``, ``ssim.threshold``) is applied when the tables are
+assembled, so changing a threshold recomputes nothing here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from daskpath.publish import Artefact
+from daskpath.stages import SlideContext, Stage
+
+__all__ = [
+    "PreprocessStage",
+    "SlidePlan",
+    "TILE_COLUMNS",
+    "keep_mask",
+    "preprocess_chunk",
+    "summarize_slide",
+    "tiles_from_sums",
+]
+
+TILE_COLUMNS = [
+    "slide",
+    "y0",
+    "x0",
+    "height",
+    "width",
+    "tissue_fraction",
+    "tissue_fraction_he",
+    "tissue_fraction_ihc",
+    "ssim",
+    "keep",
+]
+
+THUMBNAIL_SIDE = 1024
+"""Longest side (px) of the RGB thumbnails stored with the layers (for the report)."""
+
+
+def keep_mask(tissue_fraction, ssim, cfg):
+    """The keep rule: enough tissue in both sections and SSIM at least ``ssim.threshold``."""
+    return (tissue_fraction >= cfg.tiles.min_tissue) & (ssim >= cfg.ssim.threshold)
+
+
+@dataclass
+class SlidePlan:
+    """The lazy preprocessing work of one slide pair (see :func:`daskpath.pipeline.plan_preprocess`)."""
+
+    slide: str
+    shape: tuple[int, int]
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    mpp: float | None
+    tile: int
+    work_dir: Path | None = None
+    layer_tmp: Path | None = None
+    n_done: int = 0  # chunks already recorded by an earlier (interrupted) run
+    tasks: list = field(default_factory=list)  # (loc, Delayed) per chunk
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunks[0]) * len(self.chunks[1])
+
+    @property
+    def sums(self) -> Any:
+        """Delayed per-tile sums (n_ty, n_tx, 3): H&E tissue, IHC tissue, SSIM."""
+        import dask
+
+        return dask.delayed(combine_sums, pure=True)(
+            [t for _, t in self.tasks], *_tile_shape(self.shape, self.tile), 3
+        )
+
+
+def preprocess_chunk(
+    *,
+    loc: tuple[int, int, int, int],
+    he_src,
+    ihc_src,
+    shape: tuple[int, int],
+    tile: int,
+    tissue_threshold: float,
+    tissue_sigma: float,
+    ssim_sigma: float,
+    ssim_dtype: str,
+    layers: str | None,
+    factor: int,
+    step: int,
+) -> dict[str, np.ndarray]:
+    """All preprocessing of one chunk in one task.
+
+    Reads the chunk of both slides plus a halo of ``max(tissue radius, SSIM radius)`` px,
+    computes the tissue masks and the SSIM map on the halo'd block with the filters' own border
+    rule at the true slide edge, keeps the core (equal to the whole-image computation, since the
+    halo covers every filter radius), reduces it to per-tile partial sums, and writes its region
+    of the layers.
+    """
+    from daskpath._halo import read_with_halo
+    from daskpath.monitor import count
+    from daskpath.similarity import gray, ssim_block, ssim_radius
+    from daskpath.tiles import chunk_tile_sums
+    from daskpath.tissue import tissue_block, tissue_radius
+
+    y0, y1, x0, x1 = loc
+    d = max(ssim_radius(ssim_sigma), tissue_radius(tissue_sigma) if tissue_sigma > 0 else 0)
+    he, core = read_with_halo(he_src, loc, shape, d)
+    ihc, _ = read_with_halo(ihc_src, loc, shape, d)
+    t_he = tissue_block(he, tissue_threshold, tissue_sigma)[core]
+    t_ihc = tissue_block(ihc, tissue_threshold, tissue_sigma)[core]
+    wdt = np.dtype(ssim_dtype).type
+    ssim = ssim_block(gray(he, wdt), gray(ihc, wdt), sigma=ssim_sigma)[core]
+    he, ihc = he[core], ihc[core]
+    sums, (ty, tx) = chunk_tile_sums([t_he, t_ihc, ssim], loc, tile)
+    count("chunks_processed")
+    count("pixels_processed", float(t_he.size))
+    # each tile counted once: by the chunk holding its top-left corner
+    count("tiles_processed", len(range(-(-y0 // tile) * tile, y1, tile)) * len(range(-(-x0 // tile) * tile, x1, tile)))
+    if layers is not None:
+        _write_layers(layers, loc, factor, step, t_he, t_ihc, ssim, he, ihc)
+    return {"sums": sums, "origin": np.array([ty, tx], dtype=np.int64)}
+
+
+def _write_layers(layers: str, loc, factor: int, step: int, t_he, t_ihc, ssim, he, ihc) -> None:
+    """Write one chunk's region of the downsampled layers and thumbnails (one zarr chunk each)."""
+    import zarr
+
+    y0, y1, x0, x1 = loc
+    root = zarr.open_group(layers, mode="r+")
+    if factor and y0 % factor == 0 and x0 % factor == 0:
+        h, w = (y1 - y0) // factor, (x1 - x0) // factor
+        for name, m in (("tissue_he", t_he), ("tissue_ihc", t_ihc), ("ssim", ssim)):
+            arr = root[name]
+            hh = min(h, arr.shape[0] - y0 // factor)
+            ww = min(w, arr.shape[1] - x0 // factor)
+            if hh <= 0 or ww <= 0:
+                continue
+            m = m[: hh * factor, : ww * factor].astype(np.float32)
+            small = m.reshape(hh, factor, ww, factor).mean(axis=(1, 3))
+            arr[y0 // factor : y0 // factor + hh, x0 // factor : x0 // factor + ww] = small
+    for name, rgb in (("thumbnail_he", he), ("thumbnail_ihc", ihc)):
+        oy, ox = (-y0) % step, (-x0) % step
+        small = rgb[oy::step, ox::step]
+        ty0, tx0 = -(-y0 // step), -(-x0 // step)
+        if small.size:
+            root[name][ty0 : ty0 + small.shape[0], tx0 : tx0 + small.shape[1]] = small
+
+
+def combine_sums(parts: list[dict[str, np.ndarray]], n_ty: int, n_tx: int, k: int) -> np.ndarray:
+    """Add the chunks' per-tile partial sums into one (n_ty, n_tx, k) array."""
+    total = np.zeros((n_ty, n_tx, k), dtype=np.float64)
+    for p in parts:
+        ty, tx = (int(v) for v in p["origin"])
+        s = p["sums"]
+        total[ty : ty + s.shape[0], tx : tx + s.shape[1]] += s
+    return total
+
+
+def _tile_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
+    return -(-shape[0] // size), -(-shape[1] // size)
+
+
+def _create_layers(path: Path, shape, chunks, factor: int, step: int, slide: str, mpp) -> None:
+    """Empty layer arrays whose zarr chunks are the slide chunks / factor (one writer each)."""
+    import zarr
+
+    tmp = path.with_name(path.name + ".creating")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    root = zarr.open_group(str(tmp), mode="w")
+    cy, cx = max(chunks[0]), max(chunks[1])
+    h, w = shape[0] // factor, shape[1] // factor
+    for name in ("tissue_he", "tissue_ihc", "ssim"):
+        root.create_array(
+            name,
+            shape=(h, w),
+            chunks=(max(1, cy // factor), max(1, cx // factor)),
+            dtype=np.float32,
+            fill_value=np.nan,
+        )
+    th, tw = -(-shape[0] // step), -(-shape[1] // step)
+    for name in ("thumbnail_he", "thumbnail_ihc"):
+        root.create_array(
+            name,
+            shape=(th, tw, 3),
+            chunks=(max(1, cy // step), max(1, cx // step), 3),
+            dtype=np.uint8,
+            fill_value=255,
+        )
+    root.attrs.update(
+        {
+            "slide": slide,
+            "downsample": factor,
+            "thumbnail_step": step,
+            "mpp": mpp,
+            "layers": ["tissue_he", "tissue_ihc", "ssim"],
+        }
+    )
+    os.replace(tmp, path)
+
+
+def tiles_from_sums(slide: str, shape: tuple[int, int], sums: np.ndarray, cfg) -> pd.DataFrame:
+    """Tile table of one slide from its per-tile sums (tissue H&E, tissue IHC, SSIM)."""
+    from daskpath.tiles import tile_grid
+
+    grid = tile_grid(shape, cfg.tiles.size)
+    area = (grid["height"] * grid["width"]).to_numpy(dtype=np.float64)
+    flat = sums.reshape(-1, sums.shape[-1])
+    t_he = flat[:, 0] / area
+    t_ihc = flat[:, 1] / area
+    ssim = flat[:, 2] / area
+    tissue = np.minimum(t_he, t_ihc)
+    df = pd.DataFrame(
+        {
+            "slide": slide,
+            "y0": grid["y0"],
+            "x0": grid["x0"],
+            "height": grid["height"],
+            "width": grid["width"],
+            "tissue_fraction": tissue,
+            "tissue_fraction_he": t_he,
+            "tissue_fraction_ihc": t_ihc,
+            "ssim": ssim,
+            "keep": keep_mask(tissue, ssim, cfg),
+        }
+    )
+    return df[TILE_COLUMNS]
+
+
+def summarize_slide(tiles: pd.DataFrame, cfg, mpp: float | None) -> dict:
+    """One row of ``slides.csv`` from a slide's tile table."""
+    tissue_tiles = tiles[tiles["tissue_fraction"] >= cfg.tiles.min_tissue]
+    kept = tiles[tiles["keep"]]
+    area_px = float((tiles["tissue_fraction"] * tiles["height"] * tiles["width"]).sum())
+    row = {
+        "slide": tiles["slide"].iloc[0] if len(tiles) else "",
+        "height": int((tiles["y0"] + tiles["height"]).max()) if len(tiles) else 0,
+        "width": int((tiles["x0"] + tiles["width"]).max()) if len(tiles) else 0,
+        "mpp": mpp if mpp else np.nan,
+        "tiles_total": len(tiles),
+        "tiles_tissue": len(tissue_tiles),
+        "tiles_kept": len(kept),
+        "mean_ssim_tissue": float(tissue_tiles["ssim"].mean()) if len(tissue_tiles) else np.nan,
+        "mean_ssim_kept": float(kept["ssim"].mean()) if len(kept) else np.nan,
+        "tissue_area_px": area_px,
+        "tissue_area_mm2": area_px * (mpp / 1000.0) ** 2 if mpp else np.nan,
+        "note": "",
+    }
+    if not len(tissue_tiles):
+        row["note"] = "no tissue found (all background at tissue.threshold)"
+    elif not len(kept):
+        row["note"] = "no tile passed ssim.threshold: check the pair is registered"
+    return row
+
+
+class PreprocessStage(Stage):
+    """Tissue masks, SSIM map, per-tile table, downsampled layers and thumbnails."""
+
+    name = "preprocess"
+    version = 1
+    config_sections = ("chunk_size", "tiles", "tissue", "ssim", "layers")
+
+    def keys(self, cfg) -> dict[str, Any]:
+        return {
+            "chunk_size": cfg.chunk_size,
+            "tiles.size": cfg.tiles.size,
+            "tissue.threshold": cfg.tissue.threshold,
+            "tissue.sigma": cfg.tissue.sigma,
+            "ssim.sigma": cfg.ssim.sigma,
+            "ssim.dtype": cfg.ssim.dtype,
+            "layers.downsample": cfg.layers.downsample,
+        }
+
+    def artefacts(self, cfg) -> list[Artefact]:
+        return [Artefact("layers.zarr", "layers/{slide}.zarr")] if cfg.layers.downsample else []
+
+    def plan(self, ctx: SlideContext) -> SlidePlan:
+        """The chunk tasks of one slide (recorded in ``ctx.work``); nothing is computed."""
+        import dask
+
+        from daskpath.io import region_source
+
+        cfg = ctx.cfg
+        ds = ctx.pair()
+        he_a = ds["he"]
+        chunks = (he_a.data.chunks[0], he_a.data.chunks[1])
+        mpp = he_a.attrs.get("mpp")
+        shape = (int(he_a.shape[0]), int(he_a.shape[1]))
+        step = 1 << max(0, int(np.ceil(np.log2(max(shape) / THUMBNAIL_SIDE))))
+        f = cfg.layers.downsample
+        layers = None
+        if f:
+            layers = ctx.work / "layers.zarr"
+            if not layers.exists():
+                _create_layers(layers, shape, chunks, f, step, ctx.slide, mpp)
+        kw = dict(
+            he_src=region_source(ds["he"]),
+            ihc_src=region_source(ds["ihc"]),
+            shape=shape,
+            tile=cfg.tiles.size,
+            tissue_threshold=cfg.tissue.threshold,
+            tissue_sigma=cfg.tissue.sigma,
+            ssim_sigma=cfg.ssim.sigma,
+            ssim_dtype=cfg.ssim.dtype,
+            layers=str(layers) if layers is not None else None,
+            factor=f,
+            step=step,
+        )
+        from daskpath.resume import chunk_grid
+
+        before = ctx.counts.get(self.name)
+        n_done0 = before.done if before else 0
+        tasks = []
+        import hashlib
+
+        # unique per work folder: two output folders with one fingerprint are two computations
+        fp = hashlib.sha256(str(ctx.work.resolve()).encode()).hexdigest()[:16]
+        for iy, ix, y0, y1, x0, x1 in chunk_grid(chunks):
+            loc = (y0, y1, x0, x1)
+            t = dask.delayed(preprocess_chunk, pure=True)(
+                loc=loc, dask_key_name=f"preprocess-{fp}-{iy}_{ix}", **kw)
+            tasks.append((loc, ctx.recorded(t, f"{iy}_{ix}")))
+        return SlidePlan(
+            slide=ctx.slide, shape=shape, chunks=chunks, mpp=float(mpp) if mpp else None,
+            tile=cfg.tiles.size, work_dir=ctx.work, layer_tmp=layers,
+            n_done=ctx.counts[self.name].done - n_done0, tasks=tasks,
+        )
+
+    def run(self, ctx: SlideContext) -> pd.DataFrame:
+        plan = self.plan(ctx)
+        parts = ctx.compute([t for _, t in plan.tasks])
+        sums = combine_sums(parts, *_tile_shape(plan.shape, plan.tile), 3)
+        part = tiles_from_sums(ctx.slide, plan.shape, sums, ctx.cfg)
+        part["mpp"] = plan.mpp if plan.mpp else np.nan
+        return part
+
+    def tile_columns(self, part, keep, cfg) -> dict[str, Any]:
+        cols = {c: part[c].to_numpy() for c in TILE_COLUMNS if c != "keep"}
+        cols["keep"] = keep
+        return cols
+
+    def summarize(self, part, keep, cfg) -> dict[str, Any]:
+        tiles = part.drop(columns=["mpp"], errors="ignore").copy()
+        tiles["keep"] = keep
+        mpp = float(part["mpp"].iloc[0]) if len(part) and part["mpp"].notna().any() else None
+        return summarize_slide(tiles, cfg, mpp)
