@@ -1,14 +1,21 @@
 """Command-line interface: thin subcommands over the library.
 
 ``main(argv)`` returns the exit status: 0 success, 1 some slides failed or an internal error,
-2 bad input (a one-line message naming the file/key and the fix; ``-v`` adds the traceback).
+2 bad input (a one-line message naming the file/key and the fix; ``-v`` adds the traceback),
+128 + N after signal N stopped the command: 130 for SIGINT (Ctrl-C), 143 for SIGTERM (what SLURM
+sends on ``scancel`` and at the time limit). A stopped ``daskpath run`` keeps its finished chunks
+and slides and prints one line, ``daskpath: interrupted: rerun the same command to resume``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from daskpath import __version__
@@ -17,6 +24,58 @@ from daskpath.errors import DaskpathError
 __all__ = ["main"]
 
 log = logging.getLogger("daskpath")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT, raised in the main thread of the CLI (see :func:`_stop_signals`).
+
+    A ``KeyboardInterrupt``, so code that cleans up after Ctrl-C (cancelling futures, closing the
+    cluster) does the same after SIGTERM.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_signals(received: list[int]) -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread.
+
+    The first signal is appended to ``received``, mutes the teardown loggers for the rest of the
+    process (a stopping cluster's chatter is not for users) and raises; later ones are only
+    appended, so that they do not break the shutdown the first one started (it is bounded by
+    ``daskpath.cluster.INTERRUPT_CLOSE_TIMEOUT``). A signal that was ignored when the command
+    started (SIGINT of a background job) stays ignored. Outside the main thread (``main`` called
+    from a thread) nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:  # noqa: ARG001
+        received.append(signum)
+        if len(received) == 1:
+            # no import in a signal handler: without daskpath.cluster there is no cluster to stop
+            quiet = getattr(sys.modules.get("daskpath.cluster"), "quiet_teardown", None)
+            if quiet is not None:
+                quiet()
+            raise Interrupted(signum)
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _fail(message: str) -> None:
+    """The one line on stderr that tells why a command stopped."""
+    print(f"daskpath: {message}", file=sys.stderr)
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -205,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--performance-report", metavar="FILE.html", default=None,
                    help="write Dask's performance report of the run to this file")
-    s.set_defaults(func=_cmd_run)
+    s.set_defaults(func=_cmd_run, resumable=True)
 
     s = sub.add_parser("demo", help="synthetic pair + whole pipeline on a local cluster")
     s.add_argument("--out", default="demo_out")
@@ -215,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fresh", action="store_true", help="regenerate the synthetic slides")
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=_cmd_demo)
+    s.set_defaults(func=_cmd_demo, resumable=True)
 
     s = sub.add_parser(
         "train",
@@ -252,21 +311,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     verbosity = -1 if args.quiet else args.verbose
     _setup_logging(verbosity)
+    received: list[int] = []  # stop signals, first first
     try:
-        return int(args.func(args))
+        with _stop_signals(received):
+            return int(args.func(args))
     except DaskpathError as e:
         if args.verbose:
             log.exception("error")
-        print(f"daskpath: error: {e}", file=sys.stderr)
+        _fail(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("daskpath: interrupted; finished slides are kept, rerun to resume", file=sys.stderr)
-        return 130
+        if args.verbose:
+            log.exception("interrupted")
+        _fail("interrupted: rerun the same command to resume" if getattr(args, "resumable", False)
+              else "interrupted")
+        return 128 + (received[0] if received else signal.SIGINT)
     except Exception as e:  # noqa: BLE001
         if args.verbose:
             log.exception("internal error")
-        print(f"daskpath: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)",
-              file=sys.stderr)
+        _fail(f"internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)")
         return 1
 
 

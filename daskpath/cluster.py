@@ -24,16 +24,28 @@ operator), or an existing scheduler.
 The dashboard and a scheduler that daskpath starts bind to 127.0.0.1 unless configured
 (``cluster.dashboard_address``, ``cluster.scheduler_host``, ``cluster.interface``); the dashboard
 link is logged at start.
+
+Interrupts: the worker processes of a local cluster (``local``, ``local-cuda``) load this module
+as a Dask preload (:func:`dask_setup`): a SIGINT or SIGTERM sent to the whole process group (Ctrl-C
+in a terminal; SLURM on ``scancel`` or at the time limit) stops the driver, which then closes them.
+A ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM through the ``daskpath`` CLI) inside :func:`connect`
+closes the client, then the cluster, quickly and quietly (no teardown chatter from distributed,
+tornado or asyncio) and propagates.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -158,8 +170,9 @@ def _add_cpu_workers(cluster, cpu: Mapping[str, Any], host: str | None = None) -
             "nthreads": cpu["threads_per_worker"],
             "memory_limit": cpu["memory_limit"],
         }
-        if cpu.get("local_directory"):
-            opts["local_directory"] = cpu["local_directory"]
+        for key in ("local_directory", "preload", "preload_argv"):
+            if cpu.get(key):
+                opts[key] = cpu[key]
         if host:
             opts["host"] = host
         cluster.worker_spec[f"cpu-{i}"] = {"cls": Nanny, "options": opts}
@@ -495,6 +508,146 @@ def check_runnable(client, annotations: Any) -> None:
             )
 
 
+# ------------------------------------------------------------------------------ interrupts
+#: Seconds that closing the client, then the cluster, may each take after a KeyboardInterrupt
+#: (SLURM sends SIGKILL 30 s after SIGTERM by default: KillWait).
+INTERRUPT_CLOSE_TIMEOUT = 10
+#: Seconds a local worker process outlives a SIGTERM, so that the driver's nanny closes it first.
+WORKER_SIGTERM_GRACE = 2 * INTERRUPT_CLOSE_TIMEOUT
+
+# Loggers that report an interrupted teardown (cancelled tasks, closed comms, "Task exception
+# was never retrieved"); children with a level of their own (distributed.client) are silenced too.
+_TEARDOWN_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh", "dask_jobqueue",
+                     "dask_kubernetes", "kr8s")
+
+
+def quiet_teardown() -> dict[str, int]:
+    """Silence the loggers of an interrupted cluster shutdown; return their previous levels.
+
+    Pass the returned dict to :func:`restore_log_levels` to undo it. The ``daskpath`` CLI calls
+    this when a stop signal arrives and does not undo it (the process is ending: asyncio may
+    report abandoned tasks when they are garbage collected, as late as interpreter exit).
+    """
+    names = set(_TEARDOWN_LOGGERS)
+    names.update(n for n in list(logging.root.manager.loggerDict)
+                 if n.split(".", 1)[0] in _TEARDOWN_LOGGERS)
+    old = {}
+    for name in sorted(names):
+        logger = logging.getLogger(name)
+        old[name] = logger.level
+        logger.setLevel(logging.CRITICAL + 1)
+    return old
+
+
+def restore_log_levels(old: Mapping[str, int]) -> None:
+    """Undo :func:`quiet_teardown`."""
+    for name, level in old.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _closing(thing) -> Iterator:
+    """Yield ``thing`` (a client or a cluster) and close it on exit, however the block ends.
+
+    After a ``KeyboardInterrupt`` the close is bounded by :data:`INTERRUPT_CLOSE_TIMEOUT` and
+    silent: teardown loggers are muted and close errors (timeouts, closed comms) are dropped, so
+    that the interrupt reaches the caller alone.
+    """
+    interrupted = False
+    try:
+        yield thing
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if interrupted:
+            _close_quietly(thing)
+        else:
+            thing.close()
+
+
+def _close_quietly(thing) -> None:
+    old = quiet_teardown()
+    try:
+        thing.close(timeout=INTERRUPT_CLOSE_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - the interrupt is what the caller must see
+        log.debug("closing %s after an interrupt: %s: %s", type(thing).__name__,
+                  type(e).__name__, e)
+    finally:
+        gc.collect()  # abandoned asyncio tasks report themselves now, while muted
+        restore_log_levels(old)
+
+
+def _worker_preload() -> dict[str, list]:
+    """``preload`` (and ``preload_argv``) for the local worker processes: the configured
+    ``distributed.worker.preload`` modules plus this one (see :func:`dask_setup`)."""
+    import dask
+
+    preload = dask.config.get("distributed.worker.preload", default=None) or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    if __name__ in preload:
+        return {}
+    out: dict[str, list] = {"preload": [*preload, __name__]}
+    argv = list(dask.config.get("distributed.worker.preload-argv", default=None) or [])
+    if argv and isinstance(argv[0], list):  # one argv per preload: ours takes none
+        out["preload_argv"] = [*argv, []]
+    return out
+
+
+class _ClosingWorkerFilter(logging.Filter):
+    """Drop a worker's warnings about the tasks that it cancels while it closes."""
+
+    def __init__(self, worker) -> None:
+        from distributed.core import Status
+
+        super().__init__()
+        self._worker = weakref.ref(worker)
+        self._closing = (Status.closing, Status.closing_gracefully, Status.closed)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        worker = self._worker()
+        closing = worker is None or worker.status in self._closing
+        return record.levelno >= logging.ERROR or not closing
+
+
+def dask_setup(worker) -> None:
+    """Dask preload hook, run in each worker process of a local cluster that :func:`connect`
+    starts, so that the driver, not a signal, stops the workers.
+
+    SLURM sends SIGTERM to every process of a job step (on ``scancel`` and at the time limit) and a
+    terminal sends Ctrl-C's SIGINT to its whole foreground process group, so the worker processes
+    get the signal the driver gets. By default a nanny-spawned worker dies of it: on SIGINT with a
+    ``KeyboardInterrupt`` traceback, on SIGTERM at once, after which its nanny spawns a new one
+    while the driver is closing the cluster (seconds lost). Here:
+
+    * SIGINT is ignored;
+    * SIGTERM starts a timer: the process exits (status 143) :data:`WORKER_SIGTERM_GRACE` s later
+      unless its nanny has closed it by then, which is what the driver does on the same signal;
+    * the worker's warnings about the tasks it cancels while it closes ("Async instruction ...
+      ended with CancelledError") are dropped.
+
+    A worker process still exits at once when its parent dies (distributed watches the parent
+    through a pipe), and a nanny kills a worker with SIGKILL, not SIGTERM. SIGTERM is not simply
+    ignored: ``multiprocessing``'s exit handler terminates leftover daemon processes with SIGTERM
+    and then joins them, which would wait forever for a worker that a timed-out close left behind.
+
+    Does nothing in the driver's own process (``LocalCluster(processes=False)``: its worker
+    threads share the driver's signal handlers and loggers).
+    """
+    if multiprocessing.parent_process() is None:
+        return
+    logging.getLogger("distributed.worker.state_machine").addFilter(_ClosingWorkerFilter(worker))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _exit_later)
+
+
+def _exit_later(signum: int, frame) -> None:  # noqa: ARG001 - a signal handler
+    timer = threading.Timer(WORKER_SIGTERM_GRACE, os._exit, args=(128 + signum,))
+    timer.daemon = True
+    timer.start()
+
+
 # --------------------------------------------------------------------------------------- connect
 def quiet_distributed(level: int | None = None) -> None:
     """Keep distributed's own logging to errors (its teardown chatter is not for users).
@@ -523,7 +676,7 @@ def _wait_for_workers(client, n: int, timeout: int, what: str) -> None:
 def _client_for(cluster, cfg: ClusterConfig, what: str, n_wait: int) -> Iterator:
     from distributed import Client
 
-    with Client(cluster) as client:
+    with _closing(Client(cluster)) as client:
         log.info("%s, dashboard: %s", what, client.dashboard_link)
         if n_wait:
             _wait_for_workers(client, n_wait, cfg.startup_timeout, what)
@@ -548,8 +701,10 @@ def _start_local_cuda(cfg: ClusterConfig):
     if n_gpus < 1:
         raise DaskpathError("cluster.kind 'local-cuda': no GPU found; use cluster.kind: local")
     gpu, cpu = local_cuda_cluster_kwargs(cfg, n_gpus)
+    preload = _worker_preload()
+    cpu = {**cpu, **preload}
     try:
-        cluster = LocalCUDACluster(**gpu)
+        cluster = LocalCUDACluster(**gpu, **preload)
     except Exception as e:  # noqa: BLE001
         raise DaskpathError(
             f"cannot start LocalCUDACluster ({type(e).__name__}: {e}); check the NVIDIA driver "
@@ -657,18 +812,17 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator:
                 f"cannot reach the Dask scheduler at {address}; start it or fix the address ({e})"
             ) from e
         log.info("connected to scheduler %s, dashboard: %s", address, client.dashboard_link)
-        try:
+        with _closing(client):
             yield client
-        finally:
-            client.close()
         return
     if cfg.kind in _STARTERS:
         cluster, desc, n_wait = _STARTERS[cfg.kind](cfg)
-        with cluster, _client_for(cluster, cfg, desc, n_wait) as client:
+        with _closing(cluster), _client_for(cluster, cfg, desc, n_wait) as client:
             yield client
         return
     kwargs = local_cluster_kwargs(cfg)
-    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+    with _closing(LocalCluster(**kwargs, **_worker_preload())) as cluster, \
+            _closing(Client(cluster)) as client:
         log.info(
             "local cluster: %d workers x %d threads, dashboard: %s",
             kwargs["n_workers"],
