@@ -74,7 +74,7 @@ def _tables(out):
 # (id, overrides, stages that must be recomputed besides the model stages when the kept set
 #  changes, what the message names)
 ROWS = [
-    ("tiles.size", ["tiles.size=256"], set(ALL), "tiles.size"),
+    ("tiles.size", ["tiles.size=1024"], set(ALL), "tiles.size"),
     ("tiles.min_tissue", ["tiles.min_tissue=0.9"], set(), "tiles.min_tissue"),
     ("tissue.threshold", ["tissue.threshold=0.06"], {"preprocess"}, "tissue.threshold"),
     ("tissue.sigma", ["tissue.sigma=2"], {"preprocess"}, "tissue.sigma"),
