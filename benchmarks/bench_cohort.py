@@ -126,7 +126,7 @@ def resume(manifest: Path, work: Path, reference: pd.DataFrame, extra: list[str]
     t0 = time.time()
     killed_at = None
     while proc.poll() is None and time.time() - t0 < 600:
-        n = len(list(out.glob("work/*/*/chunks/*.npz"))) + 16 * len(list(out.glob("parts/*.parquet")))
+        n = len(list(out.glob(".daskpath/work/*/*/chunks/*.npz"))) + 16 * len(list(out.glob(".daskpath/work/*/preprocess-*/done.json")))
         if n >= 16:  # about half of the 32 chunks
             killed_at = n
             os.killpg(proc.pid, signal.SIGKILL)  # the client and its whole local cluster
@@ -157,7 +157,7 @@ def fault(manifest: Path, work: Path, reference: pd.DataFrame, clean_s: float, e
         th.start()
         killed = False
         while th.is_alive():
-            n = len(list(out.glob("work/*/*/chunks/*.npz"))) + 16 * len(list(out.glob("parts/*.parquet")))
+            n = len(list(out.glob(".daskpath/work/*/*/chunks/*.npz"))) + 16 * len(list(out.glob(".daskpath/work/*/preprocess-*/done.json")))
             if n >= 16 and not killed:
                 os.kill(next(iter(pids.values())), signal.SIGKILL)
                 killed = True

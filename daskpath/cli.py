@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -124,9 +125,15 @@ def _print_result(res) -> None:
         if len(res.slides):
             cols = [c for c in res.slides.columns if c not in ("height", "width", "mpp")]
             print(res.slides[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    names = [n for n in ("tiles.parquet", "slides.csv", "metrics.json", "nuclei/", "layers/")
-             if (res.output_dir / n.rstrip("/")).exists()]
-    print(f"\noutputs in {res.output_dir}/ ({', '.join(names)}) in {res.seconds:.1f} s")
+    # what this run's tables are made of (run.json): stale outputs of other runs are not listed
+    run_json = res.output_dir / "run.json"
+    published = json.loads(run_json.read_text()).get("outputs", []) if run_json.exists() else []
+    names = [n for n in ("tiles.parquet", "slides.csv", "metrics.json", "run.json")
+             if (res.output_dir / n).exists()]
+    names += sorted({f.split("/")[0] + "/" for f in published if "/" in f})
+    stages = [s for v in res.stages.values() for s, d in v.items() if d.get("recomputed")]
+    done = f"{len(stages)} slide-stage(s) computed, {res.chunks_computed} of {res.chunks_total} chunks"
+    print(f"\noutputs in {res.output_dir}/ ({', '.join(names)}) in {res.seconds:.1f} s ({done})")
     report = res.output_dir / "report.html"
     if report.exists():
         print(f"report: {report.resolve()}")

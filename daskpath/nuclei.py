@@ -786,7 +786,6 @@ def measure_nuclei(
     """
     import dask
     import dask.array as da
-    import pandas as pd
 
     from daskpath import stain
 

@@ -181,8 +181,11 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
     recomputed, reused, changes, first = [], [], [], True
     current_dirs = []
     stage = "open"
-    BUILD_LOCK.acquire()
+    locked = False
     try:
+        ctx.pair()  # outside the build lock: ingesting a flat raster may take minutes
+        BUILD_LOCK.acquire()
+        locked = True
         for st in stages:
             stage = st.name
             ctx.stage = st.name
@@ -243,7 +246,8 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
         log.debug("slide %s failed in %s:\n%s", slide, stage, traceback.format_exc())
         res.failure = {"slide": slide, "stage": stage, "error": msg}
     finally:
-        BUILD_LOCK.release()
+        if locked:
+            BUILD_LOCK.release()
     progress.slide(slide)
     return res
 
