@@ -91,7 +91,7 @@ def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
         st = p.stat()
     except OSError:
         return {"path": str(p), "size": None}
-    key = (str(p), st.st_size, st.st_mtime_ns, st.st_ino)
+    key = (str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)  # ctime: any rewrite
     with _ID_LOCK:
         if key in _ID_CACHE:
             return _ID_CACHE[key]
@@ -141,7 +141,7 @@ def model_identity(path: str | os.PathLike[str] | None, name: str = "") -> dict[
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
-        key = ("model", str(f), st.st_size, st.st_mtime_ns, st.st_ino)
+        key = ("model", str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         with _ID_LOCK:
             digest = _ID_CACHE.get(key)
         if digest is None:

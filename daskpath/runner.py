@@ -7,9 +7,10 @@ tasks go to the cluster; finished chunks are recorded, so an interrupted stage r
 publishes it. A slide's nuclei start while the next slide is preprocessed: there is no barrier
 between stages, and at most ``window`` slides are in flight, so memory stays flat.
 
-Graph building is serialised by one lock (``dask.annotate`` sets process-global config), and
-released while a thread waits for the cluster, so threads overlap on the cluster, not in the
-client. A signal sets the stop event: slide threads cancel their futures and stop.
+On clusters with GPU workers, graph building is serialised by one lock (``dask.annotate`` of
+the model tasks' GPU resource sets process-global config) and released while a thread waits for
+the cluster; CPU clusters annotate nothing and take no lock. A signal sets the stop event: slide
+threads cancel their futures and stop.
 """
 
 from __future__ import annotations
@@ -51,8 +52,18 @@ __all__ = ["RunResult", "run_slides", "slide_key"]
 
 log = logging.getLogger("daskpath.pipeline")
 
-#: serialises graph building across slide threads (released while waiting on the cluster)
+#: serialises graph building across slide threads on clusters with GPU workers, where model
+#: graphs carry ``dask.annotate(resources=...)``, which sets process-global dask config
+#: (released while a thread waits on the cluster). CPU clusters annotate nothing: no lock.
 BUILD_LOCK = threading.RLock()
+
+
+class _NoLock:
+    def acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
 
 
 @dataclass
@@ -141,17 +152,18 @@ class _LockedContext(SlideContext):
     """SlideContext whose compute releases the build lock while it waits for the cluster."""
 
     _announced: dict[str, int]
+    _lock: Any
 
     def compute(self, tasks, **kw):  # type: ignore[override]
         c = self.counts.get(self.stage)
         if c is not None and c.done > self._announced.get(self.stage, 0):
             log.info("slide %s: %s: resuming, %d of %d chunks done", self.slide, self.stage, c.done, c.total)
             self._announced[self.stage] = c.done
-        BUILD_LOCK.release()
+        self._lock.release()
         try:
             return super().compute(tasks, **kw)
         finally:
-            BUILD_LOCK.acquire()
+            self._lock.acquire()
 
 
 def _change_line(slide: str, recomputed: list[str], changes: list[str], first: bool, reused: list[str]) -> str:
@@ -167,7 +179,7 @@ def _change_line(slide: str, recomputed: list[str], changes: list[str], first: b
 
 
 def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, out: Path, client,
-               stop: threading.Event, progress: _Progress) -> SlideOutcome:
+               stop: threading.Event, progress: _Progress, lock: Any) -> SlideOutcome:
     slide = row.slide
     res = SlideOutcome(slide)
     key = slide_key(slide)
@@ -176,6 +188,7 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
     ctx = _LockedContext(slide=slide, he=row.he, ihc=row.ihc, cfg=cfg, out=out, client=client,
                          stop=stop, on_chunks=progress.chunks)
     ctx._announced = {}
+    ctx._lock = lock
     inputs = {"he": file_identity(row.he), "ihc": file_identity(row.ihc)}
     info = {"tiles.min_tissue": cfg.tiles.min_tissue, "ssim.threshold": cfg.ssim.threshold}
     recomputed, reused, changes, first = [], [], [], True
@@ -184,7 +197,7 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
     locked = False
     try:
         ctx.pair()  # outside the build lock: ingesting a flat raster may take minutes
-        BUILD_LOCK.acquire()
+        lock.acquire()
         locked = True
         for st in stages:
             stage = st.name
@@ -247,7 +260,7 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
         res.failure = {"slide": slide, "stage": stage, "error": msg}
     finally:
         if locked:
-            BUILD_LOCK.release()
+            lock.release()
     progress.slide(slide)
     return res
 
@@ -276,13 +289,19 @@ def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress,
         models[st.name] = {k: model_identity(p, name) for k, (p, name) in st.models(cfg).items()}
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     started = time.time()
-    n_workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
-    window = max(2, n_workers)  # slides in flight: enough chunk tasks to keep every worker busy
+    from daskpath.cluster import model_annotations
+
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
+    # slides in flight: one more than the worker threads, so a slide's serial steps (slide-level
+    # statistics, a stage's tail) never leave a thread idle; the client holds little per slide
+    window = max(3, threads + 1)
+    lock = BUILD_LOCK if model_annotations(client) else _NoLock()
     stop = threading.Event()
     prog = _Progress(progress, len(manifest))
     outcomes: dict[str, SlideOutcome] = {}
     pool = cf.ThreadPoolExecutor(max_workers=window, thread_name_prefix="daskpath-slide")
-    futs = {pool.submit(_run_slide, row, stages, models, cfg, out, client, stop, prog): row.slide
+    futs = {pool.submit(_run_slide, row, stages, models, cfg, out, client, stop, prog, lock): row.slide
             for row in manifest.itertuples(index=False)}
     try:
         pending = set(futs)

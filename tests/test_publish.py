@@ -1,0 +1,146 @@
+"""Fingerprint ingredients and the publication journal (a run killed while publishing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pandas as pd
+import pytest
+
+from daskpath.config import load_config
+from daskpath.pipeline import run
+from daskpath.publish import (
+    Artefact,
+    SlideState,
+    describe_changes,
+    file_identity,
+    internal_dir,
+    model_identity,
+    stage_fingerprint,
+)
+from daskpath.runner import slide_key
+
+
+def test_file_identity_sees_content_changes_under_the_same_size_and_mtime(tmp_path):
+    p = tmp_path / "slide.tif"
+    p.write_bytes(b"a" * (3 << 20))
+    st = p.stat()
+    a = file_identity(p)
+    with open(p, "r+b") as f:  # rewrite the last MiB, keep size and mtime
+        f.seek(-10, os.SEEK_END)
+        f.write(b"b" * 10)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    b = file_identity(p)
+    assert a["size"] == b["size"] and a["mtime_ns"] == b["mtime_ns"]
+    assert a["ends"] != b["ends"]
+    assert file_identity(tmp_path / "missing.tif")["size"] is None
+
+
+def test_model_identity_is_the_content_not_the_path(tmp_path):
+    from daskpath.nuclei import SHIPPED_MODELS
+
+    a = tmp_path / "a"
+    shutil.copytree(SHIPPED_MODELS["phantom"], a)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    (b / "README.md").write_text("notes do not change the model")
+    assert model_identity(a)["sha256"] == model_identity(b)["sha256"]
+    th = json.loads((b / "thresholds.json").read_text())
+    th["prob"] = 0.9
+    (b / "thresholds.json").write_text(json.dumps(th))
+    assert model_identity(a)["sha256"] != model_identity(b)["sha256"]
+    assert model_identity(None, "2D_versatile_he") == {"name": "2D_versatile_he"}
+
+
+def test_fingerprint_and_change_description():
+    base = dict(keys={"tiles.size": 512}, inputs={"he": {"size": 1}}, models={}, upstream={})
+    fp1, r1 = stage_fingerprint("preprocess", 1, **base)
+    fp2, r2 = stage_fingerprint("preprocess", 1, **base | {"keys": {"tiles.size": 1024}})
+    fp3, r3 = stage_fingerprint("preprocess", 2, **base)
+    assert len({fp1, fp2, fp3}) == 3
+    assert stage_fingerprint("preprocess", 1, **base)[0] == fp1
+    assert describe_changes(r1, r2) == ["tiles.size"]
+    assert describe_changes(r1, r3) == ["preprocess version"]
+    assert describe_changes(None, r1) == []
+    _, r4 = stage_fingerprint("preprocess", 1, **base | {"inputs": {"he": {"size": 2}}})
+    assert describe_changes(r1, r4) == ["input he"]
+
+
+def test_slide_keys_are_safe_and_distinct():
+    assert slide_key("synth000") == "synth000"
+    k1, k2 = slide_key("../../victim/data"), slide_key("/abs/path/data")
+    assert "/" not in k1 + k2 and not k1.startswith(".") and k1 != k2
+
+
+@pytest.fixture()
+def finished(synth_cohort, dask_client, tmp_path):
+    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={tmp_path / 'out'}",
+                             "stages=[preprocess]"])
+    res = run(cfg, client=dask_client)
+    assert res.ok
+    return cfg, res
+
+
+def _state(out, slide):
+    return SlideState(out, slide, slide_key(slide))
+
+
+def test_killed_after_finishing_before_publishing_publishes_without_recomputing(finished, dask_client):
+    cfg, first = finished
+    out = first.output_dir
+    slide = first.slides.slide[0]
+    st = _state(out, slide)
+    entry = st.get("preprocess")
+    work = internal_dir(out) / "work" / slide_key(slide) / f"preprocess-{entry['fp']}"
+    # the state of a run killed after done.json was written, before the layers moved
+    os.replace(out / "layers" / f"{slide}.zarr", work / "layers.zarr")
+    st.data.pop("preprocess")
+    st.save()
+    res = run(cfg, client=dask_client)
+    assert res.recomputed(slide) == [] and res.chunks_computed == 0
+    assert (out / "layers" / f"{slide}.zarr").is_dir() and not (work / "layers.zarr").exists()
+    assert _state(out, slide).get("preprocess")["status"] == "published"
+    pd.testing.assert_frame_equal(res.tiles, first.tiles)
+
+
+def test_killed_mid_publication_finishes_the_moves(finished, dask_client):
+    cfg, first = finished
+    out = first.output_dir
+    slide = first.slides.slide[1]
+    st = _state(out, slide)
+    st.data["preprocess"]["status"] = "publishing"  # moves done, final state not written
+    st.save()
+    res = run(cfg, client=dask_client)
+    assert res.recomputed(slide) == []
+    assert _state(out, slide).get("preprocess")["status"] == "published"
+    pd.testing.assert_frame_equal(res.tiles, first.tiles)
+
+
+def test_a_published_file_deleted_by_hand_is_recomputed(finished, dask_client):
+    cfg, first = finished
+    out = first.output_dir
+    slide = first.slides.slide[0]
+    shutil.rmtree(out / "layers" / f"{slide}.zarr")
+    res = run(cfg, client=dask_client)
+    assert res.recomputed(slide) == ["preprocess"]
+    assert (out / "layers" / f"{slide}.zarr").is_dir()
+    pd.testing.assert_frame_equal(res.tiles, first.tiles, check_exact=False, atol=1e-12)
+
+
+def test_publish_refuses_a_stale_file_it_did_not_move(tmp_path):
+    """An artefact missing from the work folder is not replaced by an older published one."""
+    out = tmp_path / "out"
+    (out / "layers").mkdir(parents=True)
+    (out / "layers" / "s.zarr").mkdir()  # published by an older fingerprint
+    st = SlideState(out, "s", "s")
+    st.data["preprocess"] = {"fp": "old", "status": "published", "record": {}, "artefacts": ["layers/s.zarr"]}
+    work = tmp_path / "work"
+    work.mkdir()
+    arts = [Artefact("layers.zarr", "layers/{slide}.zarr")]
+    with pytest.raises(FileNotFoundError):
+        st.publish("preprocess", "new", {}, work, arts)
+    assert not SlideState(out, "s", "s").is_current("preprocess", "new", arts)
+    with pytest.raises(FileNotFoundError):  # and not on a second try either
+        st.publish("preprocess", "new", {}, work, arts)
