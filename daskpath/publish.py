@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterable, Mapping
@@ -35,6 +36,7 @@ __all__ = [
     "stage_fingerprint",
     "describe_changes",
     "internal_dir",
+    "slide_key",
 ]
 
 MIB = 1 << 20
@@ -46,18 +48,35 @@ def internal_dir(out: Path) -> Path:
     return Path(out) / INTERNAL
 
 
+def slide_key(slide: str) -> str:
+    """The file-name form of a slide id: the id itself when it is a plain name, otherwise a
+    sanitised name plus a hash of the id.
+
+    Slide ids are data, not paths: ``../../x`` or ``/abs/x`` never leave ``output_dir``, and
+    two ids that sanitise alike (``a/b``, ``a_b``) still get distinct files.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", slide).strip("._") or "slide"
+    if safe == slide:
+        return slide
+    return f"{safe[:80]}-{hashlib.sha256(slide.encode()).hexdigest()[:8]}"
+
+
 @dataclass(frozen=True)
 class Artefact:
     """A file or folder a stage writes in its work folder and publishes under ``output_dir``.
 
-    ``published`` is a path relative to ``output_dir`` with ``{slide}`` in it.
+    ``published`` is a path relative to ``output_dir`` with ``{slide}`` in it, filled with
+    :func:`slide_key` of the slide id.
     """
 
     name: str
     published: str
 
+    def relative(self, slide: str) -> str:
+        return self.published.format(slide=slide_key(slide))
+
     def target(self, out: Path, slide: str) -> Path:
-        return Path(out) / self.published.format(slide=slide)
+        return Path(out) / self.relative(slide)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +282,7 @@ class SlideState:
         prev = self.data.get(stage) or {}
         ours = prev.get("fp") == fp  # published files may already be this result's
         self.data[stage] = {"fp": fp, "status": "publishing", "record": record, "info": info or {},
-                            "artefacts": [a.published.format(slide=self.slide) for a in arts]}
+                            "artefacts": [a.relative(self.slide) for a in arts]}
         self.save()
         for a in arts:
             src = work / a.name

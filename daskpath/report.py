@@ -22,6 +22,7 @@ import pandas as pd
 
 from daskpath.config import Config
 from daskpath.outputs import atomic_path
+from daskpath.publish import slide_key
 
 __all__ = ["write_report"]
 
@@ -209,7 +210,7 @@ def write_report(
     parts += _predictors(tiles, metrics)
     for slide in slides.get("slide", []):
         t = tiles[tiles["slide"] == slide]
-        img = _slide_figure(slide, t, out / "layers" / f"{slide}.zarr", cfg)
+        img = _slide_figure(slide, t, out / "layers" / f"{slide_key(slide)}.zarr", cfg)
         parts.append(f"<h2>{html.escape(str(slide))}</h2>")
         if img:
             parts.append(f"<img alt='{html.escape(str(slide))}' src='data:image/png;base64,{img}'>")

@@ -16,9 +16,7 @@ threads cancel their futures and stop.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import logging
-import re
 import shutil
 import threading
 import time
@@ -43,6 +41,7 @@ from daskpath.publish import (
     model_identity,
     prune_work,
     read_done,
+    slide_key,
     stage_fingerprint,
     write_done,
 )
@@ -96,14 +95,6 @@ class SlideOutcome:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     failure: dict[str, str] | None = None
     message: str = ""
-
-
-def slide_key(slide: str) -> str:
-    """A file-name-safe, unique key of a slide id for daskpath's internal folders."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", slide).strip("._") or "slide"
-    if safe == slide:
-        return slide
-    return f"{safe[:80]}-{hashlib.sha256(slide.encode()).hexdigest()[:8]}"
 
 
 class _Progress:
@@ -171,11 +162,12 @@ def _change_line(slide: str, recomputed: list[str], changes: list[str], first: b
         return f"slide {slide}: up to date ({', '.join(reused)} reused)"
     if first:
         return f"slide {slide}: {', '.join(recomputed)} computed"
-    causes = [c for c in dict.fromkeys(changes)]
+    causes = list(dict.fromkeys(changes))
     if len(causes) > 1 and "kept tiles" in causes:
         causes.remove("kept tiles")  # a consequence of the other changes
-    what = ", ".join(causes) if causes else "unfinished or missing results"
-    return f"slide {slide}: {what} changed: {', '.join(recomputed)} recomputed"
+    if not causes:
+        return f"slide {slide}: {', '.join(recomputed)} recomputed (unfinished, interrupted or missing results)"
+    return f"slide {slide}: {', '.join(causes)} changed: {', '.join(recomputed)} recomputed"
 
 
 def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, out: Path, client,

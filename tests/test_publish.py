@@ -20,7 +20,7 @@ from daskpath.publish import (
     model_identity,
     stage_fingerprint,
 )
-from daskpath.runner import slide_key
+from daskpath.publish import slide_key
 
 
 def test_file_identity_sees_content_changes_under_the_same_size_and_mtime(tmp_path):
@@ -144,3 +144,32 @@ def test_publish_refuses_a_stale_file_it_did_not_move(tmp_path):
     assert not SlideState(out, "s", "s").is_current("preprocess", "new", arts)
     with pytest.raises(FileNotFoundError):  # and not on a second try either
         st.publish("preprocess", "new", {}, work, arts)
+
+
+def test_slide_names_are_data_not_paths(synth_cohort, dask_client, tmp_path):
+    """A slide id like ``../../victim/data`` writes nothing outside output_dir (its files get a
+    safe name); the tables keep the id as it is."""
+    import pandas as pd
+
+    man = pd.read_csv(synth_cohort)
+    folder = synth_cohort.parent
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.zarr").mkdir()
+    (victim / "data.zarr" / "mine.txt").write_text("the user's")
+    names = ["../../victim/data", str(victim / "data")]
+    rows = [{"slide": n, "he": str(folder / man.he[i]), "ihc": str(folder / man.ihc[i])}
+            for i, n in enumerate(names)]
+    m = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(m, index=False)
+    out = tmp_path / "a" / "b" / "out"
+    res = run(load_config(None, [f"slides={m}", f"output_dir={out}", "stages=[preprocess]"]),
+              client=dask_client)
+    assert res.ok, res.failures
+    assert (victim / "data.zarr" / "mine.txt").read_text() == "the user's"
+    assert sorted(victim.iterdir()) == [victim / "data.zarr"]
+    assert set(res.tiles["slide"]) == set(names)
+    layers = sorted(p.name for p in (out / "layers").iterdir())
+    assert len(layers) == 2 and all(p.endswith(".zarr") and "/" not in p for p in layers)
+    assert all(f.startswith(("layers/", "tiles", "slides", "report", "run", "metrics")) for f in
+               json.loads((out / "run.json").read_text())["outputs"])
