@@ -422,7 +422,18 @@ def _k8s_memory(mem: str) -> str:
 
 # ------------------------------------------------------------------------------ GPU annotations
 def _workers(client) -> dict:
-    """All workers (recent distributed lists only the first 5 unless asked for all)."""
+    """All workers (recent distributed lists only the first 5 unless asked for all).
+
+    Asks the scheduler directly: ``client.scheduler_info()`` returns a cache that the client's
+    periodic refresh (which fetches no workers) may overwrite between the fetch and the return,
+    which the run loop's slide threads hit as "no worker connected".
+    """
+    scheduler = getattr(client, "scheduler", None)
+    if scheduler is not None and not getattr(client, "asynchronous", False) and hasattr(client, "sync"):
+        try:
+            return dict(client.sync(scheduler.identity, n_workers=-1).get("workers", {}))
+        except TypeError:  # an older scheduler without n_workers
+            return dict(client.sync(scheduler.identity).get("workers", {}))
     if _takes_n_workers(client):
         return client.scheduler_info(n_workers=-1).get("workers", {})
     return client.scheduler_info().get("workers", {})

@@ -283,7 +283,9 @@ def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress,
     started = time.time()
     from daskpath.cluster import model_annotations
 
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    from daskpath.cluster import _workers
+
+    workers = _workers(client)
     threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
     # slides in flight: one more than the worker threads, so a slide's serial steps (slide-level
     # statistics, a stage's tail) never leave a thread idle; the client holds little per slide
