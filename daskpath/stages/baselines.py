@@ -55,6 +55,7 @@ class BaselinesStage(Stage):
     def run(self, ctx: SlideContext) -> pd.DataFrame:
         from daskpath.baselines import predict_tiles_classifier, predict_tiles_rf
         from daskpath.cluster import check_runnable, model_annotations
+        from daskpath.resume import count_records
 
         cfg = ctx.cfg
         tiles, keep = ctx.tiles()
@@ -73,9 +74,7 @@ class BaselinesStage(Stage):
                 he, kept, cfg.baselines.classifier_model, batch_size=cfg.baselines.batch_size,
                 resources=ann.get("resources"), compute=False, record_dir=ctx.record_dir("classifier"))
         for g in graphs.values():
-            keys = [str(k) for k in g.__dask_graph__()]
-            ctx.note_chunks(total=sum(k.startswith(("record-", "load-")) for k in keys),
-                            done=sum(k.startswith("load-") for k in keys))
+            ctx.note_chunks(*count_records(g))
         results = dict(zip(graphs, ctx.compute(list(graphs.values()))))
         if "rf" in cfg.baselines.methods:
             for c in RF_COLUMNS:

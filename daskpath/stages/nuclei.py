@@ -71,6 +71,7 @@ def measure_on(ctx: SlideContext, image, suffix: str, source: str) -> pd.DataFra
     from daskpath.monitor import count
     from daskpath.nuclei import measure_nuclei, tile_ratios, tile_sums, write_geojson
     from daskpath.outputs import write_json, write_table
+    from daskpath.resume import count_records
 
     cfg = ctx.cfg
     tiles, keep = ctx.tiles()
@@ -81,8 +82,6 @@ def measure_on(ctx: SlideContext, image, suffix: str, source: str) -> pd.DataFra
     check_runnable(ctx.client, ann)
     image = image.rechunk((nchunk, nchunk, 3))
     labels = str(ctx.work / "labels.zarr") if cfg.nuclei.method == "nucleus" else None
-    records = ctx.record_dir("nuclei")
-    before = {p.name for p in records.rglob("*.parquet")}
     table = measure_nuclei(
         image,
         model=cfg.nuclei.model,
@@ -94,10 +93,10 @@ def measure_on(ctx: SlideContext, image, suffix: str, source: str) -> pd.DataFra
         resources=ann.get("resources"),
         region=region,
         labels_store=labels,
-        record_dir=records,
+        record_dir=ctx.record_dir("nuclei"),
         compute=False,
     )
-    ctx.note_chunks(total=_n_segmented(table), done=len(before))
+    ctx.note_chunks(*count_records(table))
     (df,) = ctx.compute([table])
     df = df.copy()
     attrs = dict(df.attrs)
@@ -117,12 +116,6 @@ def measure_on(ctx: SlideContext, image, suffix: str, source: str) -> pd.DataFra
     write_table(df, ctx.work / "nuclei.parquet")
     write_geojson(df, ctx.work / "nuclei.geojson", mpp=ctx.pair().attrs.get("mpp"))
     return part
-
-
-def _n_segmented(table) -> int:
-    """Number of chunk tasks (segmentations or record loads) in a measure_nuclei graph."""
-    graph = table.__dask_graph__()
-    return sum(1 for k in graph if str(k[0] if isinstance(k, tuple) else k).startswith(("record-", "load-")))
 
 
 def ratio_columns(part: pd.DataFrame, keep: np.ndarray, suffix: str) -> dict[str, Any]:
