@@ -44,16 +44,15 @@ def plan_preprocess(slide: str, he: str | Path, ihc: str | Path, cfg: Config,
     """
     import threading
 
-    from daskpath.publish import file_identity, internal_dir, stage_fingerprint
-    from daskpath.runner import slide_key
+    from daskpath.publish import internal_dir, slide_key
+    from daskpath.runner import fingerprint_of, input_identity, model_identities
     from daskpath.stages import SlideContext, get_stage
 
     out = Path(output_dir if output_dir is not None else cfg.output_dir)
     st = get_stage("preprocess")
     ctx = SlideContext(slide=slide, he=str(he), ihc=str(ihc), cfg=cfg, out=out, client=None,
                        stop=threading.Event(), stage="preprocess")
-    inputs = {"he": file_identity(he), "ihc": file_identity(ihc)}
-    fp, _ = stage_fingerprint(st.name, st.version, st.keys(cfg), inputs, {}, {})
+    fp, _ = fingerprint_of(st, ctx, input_identity(he, ihc), model_identities(st, cfg))
     ctx.work = internal_dir(out) / "work" / slide_key(slide) / f"preprocess-{fp}"
     ctx.work.mkdir(parents=True, exist_ok=True)
     return st.plan(ctx)

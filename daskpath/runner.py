@@ -170,6 +170,22 @@ def _change_line(slide: str, recomputed: list[str], changes: list[str], first: b
     return f"slide {slide}: {', '.join(causes)} changed: {', '.join(recomputed)} recomputed"
 
 
+def input_identity(he: str | Path, ihc: str | Path) -> dict[str, Any]:
+    """The input part of every stage's fingerprint."""
+    return {"he": file_identity(he), "ihc": file_identity(ihc)}
+
+
+def model_identities(st: Stage, cfg: Config) -> dict[str, Any]:
+    """The model part of ``st``'s fingerprint (resolving the models checks them: ModelError)."""
+    return {k: model_identity(p, name) for k, (p, name) in st.models(cfg).items()}
+
+
+def fingerprint_of(st: Stage, ctx: SlideContext, inputs: dict[str, Any],
+                   models: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Fingerprint and record of stage ``st`` for ``ctx``'s slide (see :mod:`daskpath.publish`)."""
+    return stage_fingerprint(st.name, st.version, st.keys(ctx.cfg), inputs, models, st.upstream(ctx))
+
+
 def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, out: Path, client,
                stop: threading.Event, progress: _Progress, lock: Any) -> SlideOutcome:
     slide = row.slide
@@ -181,7 +197,7 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
                          stop=stop, on_chunks=progress.chunks)
     ctx._announced = {}
     ctx._lock = lock
-    inputs = {"he": file_identity(row.he), "ihc": file_identity(row.ihc)}
+    inputs = input_identity(row.he, row.ihc)
     info = {"tiles.min_tissue": cfg.tiles.min_tissue, "ssim.threshold": cfg.ssim.threshold}
     recomputed, reused, changes, first = [], [], [], True
     current_dirs = []
@@ -196,8 +212,7 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
             ctx.stage = st.name
             if stop.is_set():
                 raise Interrupted("interrupted")
-            fp, record = stage_fingerprint(st.name, st.version, st.keys(cfg), inputs, models[st.name],
-                                           st.upstream(ctx))
+            fp, record = fingerprint_of(st, ctx, inputs, models[st.name])
             ctx.fps[st.name] = fp
             work = work_root / f"{st.name}-{fp}"
             current_dirs.append(work.name)
@@ -278,7 +293,7 @@ def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress,
     # model paths etc. are checked before any slide is touched; model files hashed once
     models: dict[str, dict] = {}
     for st in stages:
-        models[st.name] = {k: model_identity(p, name) for k, (p, name) in st.models(cfg).items()}
+        models[st.name] = model_identities(st, cfg)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     started = time.time()
     from daskpath.cluster import model_annotations
