@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= test,bench,nuclei,torch,slurm,baselines
+EXTRAS ?= test,bench,nuclei,torch,slurm,kubernetes,baselines,docs
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test test-fast bench clean
