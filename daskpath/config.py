@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -227,7 +228,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> dict
             )
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
-                raise ConfigError(f"config key '{key}' must be a mapping of sub-keys, got {v!r}")
+                raise ConfigError(f"config key '{key}' must be a mapping of sub-keys, got {show(v)}")
             out[k] = _merge(base[k], v, prefix=f"{key}.")
         else:
             out[k] = v
@@ -245,7 +246,7 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"--set '{item}': empty key; expected dotted.key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=_NoAliasLoader) if raw.strip() else None  # noqa: S506
         except yaml.YAMLError:
             value = raw
         node = out
@@ -256,6 +257,52 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
                 raise ConfigError(f"--set '{item}': '{p}' is set twice as a value and a mapping")
         node[parts[-1]] = value
     return out
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so an error line stays one short line.
+
+    Containers are summarised by type and length first: ``repr`` of a deeply shared YAML
+    structure (an alias bomb) would otherwise take minutes and gigabytes.
+    """
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > 8:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    r = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+    r.maxlevel, r.maxstring, r.maxother = 2, limit, limit
+    try:
+        text = r.repr(value)
+    except Exception:  # a value whose repr fails still gets a one-line message
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors/aliases: a config never needs them, and a few
+    hundred bytes of nested aliases (a "billion laughs" document) expand to gigabytes."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases (*name) are not allowed in a daskpath config",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
+#: Largest config file read (bytes); a real config is a few hundred bytes.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def safe_load_config_text(text: str, where: str) -> Any:
+    """Parse YAML without aliases; raise :class:`ConfigError` naming ``where`` on failure."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        fix = "write the values out" if "aliases" in problem else "fix its syntax"
+        raise ConfigError(f"config file {where}{line} is not valid YAML ({problem}); {fix}") from e
 
 
 def _type_name(tp: Any) -> str:
@@ -281,26 +328,26 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a list, got {show(value)}")
         return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a number, got {show(value)}")
         return float(value)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be a string, got {show(value)}")
     raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
 
 
@@ -320,7 +367,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def _check(cfg: Config) -> None:
     def bad(key: str, value: Any, want: str) -> ConfigError:
-        return ConfigError(f"config key '{key}' = {value!r} is invalid: {want}")
+        return ConfigError(f"config key '{key}' = {show(value)} is invalid: {want}")
 
     for s in cfg.stages:
         if s not in STAGES:
@@ -451,12 +498,14 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} not found; pass an existing YAML file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is {p.stat().st_size} bytes (limit "
+                              f"{MAX_CONFIG_BYTES}); is it really a daskpath config?")
         try:
-            user = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {p}{where} is not valid YAML; fix its syntax") from e
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text; save it as UTF-8") from e
+        user = safe_load_config_text(text, str(p))
         if user is None:
             user = {}
         if not isinstance(user, dict):

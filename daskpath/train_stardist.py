@@ -194,8 +194,12 @@ def train(
     use_stardist_test_image: bool = False,
     disc_fraction: float = 0.0,
     max_nucleus_diameter: int = 32,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train a tiny StarDist2D on IHC phantoms and write it (plus ``daskpath.json``) to ``out_dir``.
+
+    ``out_dir`` is replaced only when daskpath made it (or it is empty or new); a non-empty
+    folder of the user's is refused unless ``force`` is true (see :mod:`daskpath.ownership`).
 
     Returns
     -------
@@ -204,6 +208,10 @@ def train(
         ``out_dir``.
     """
     import os
+
+    from daskpath.ownership import check_folder
+
+    check_folder(out_dir, force=force)  # before any work: a user's folder is never replaced
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -238,7 +246,7 @@ def train(
         train_steps_per_epoch=steps, train_tensorboard=False, use_gpu=False,
         train_reduce_lr={"factor": 0.5, "patience": 8, "min_delta": 0},
     )
-    tmp = out_dir.parent / (out_dir.name + ".tmp")
+    tmp = out_dir.parent / f".{out_dir.name}.daskpath-partial"  # daskpath's own name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     sink = io.StringIO()
@@ -289,8 +297,13 @@ def train(
     }
     (tmp / "daskpath.json").write_text(json.dumps(spec, indent=2) + "\n")
     if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+        # ours (checked above) or the user passed force: swap, then remove the old one
+        old = out_dir.parent / (out_dir.name + f".old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
     return {
         "val_f1_iou50": float(st.f1),
         "thresholds": {"prob": float(thr["prob"]), "nms": float(thr["nms"])},
@@ -315,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stardist-image", action="store_true",
                    help="add stardist's test_image_nuclei_2d to the training set")
     p.add_argument("--disc-fraction", type=float, default=0.0)
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT_DIR even when it holds files daskpath did not create")
     a = p.parse_args(argv)
     res = train(a.out_dir, a.epochs, a.steps, a.seed, n_images=a.n_images,
-                use_stardist_test_image=a.stardist_image, disc_fraction=a.disc_fraction)
+                use_stardist_test_image=a.stardist_image, disc_fraction=a.disc_fraction,
+                force=a.force)
     json.dump(res, sys.stdout, indent=2)
     print()
     return 0

@@ -191,6 +191,7 @@ def export_tile_pairs(
     seed: int = 0,
     layout: str = "unaligned",
     max_tiles_per_slide: int | None = None,
+    force: bool = False,
 ) -> pd.DataFrame:
     """Write the kept tiles of a run as H&E/IHC training pairs, split train/test by slide.
 
@@ -209,6 +210,9 @@ def export_tile_pairs(
         ``trainA/trainB/testA/testB`` or pix2pix's side-by-side ``train/test``.
     max_tiles_per_slide : int, optional
         Keep at most this many kept tiles per slide (an even spread in table order).
+    force : bool
+        Write into a non-empty folder that daskpath did not make (only daskpath's own names,
+        ``pairs.csv``, ``split.json`` and the layout folders, are replaced there).
 
     Returns
     -------
@@ -218,8 +222,11 @@ def export_tile_pairs(
     """
     from daskpath.io import open_pair, read_manifest, region_source
 
+    from daskpath.ownership import check_folder, claim_folder
+
     if layout not in LAYOUTS:
         raise InvalidInputError(f"layout={layout!r} must be one of {', '.join(LAYOUTS)}")
+    check_folder(Path(out_dir).expanduser(), force=force)
     if not isinstance(run, RunInputs):
         if manifest is None:
             raise InvalidInputError(f"export from run {run}: pass manifest= (the run's slide manifest)")
@@ -253,6 +260,7 @@ def export_tile_pairs(
     table = table[front + [c for c in table.columns if c not in front]]
 
     out = Path(out_dir).expanduser()
+    claim_folder(out, force=force, made_by="export tile pairs")
     info = {"run_dir": str(run.run_dir.absolute()), "manifest": str(run.manifest.absolute()),
             "test_fraction": float(test_fraction), "seed": int(seed), "layout": layout,
             "max_tiles_per_slide": max_tiles_per_slide,

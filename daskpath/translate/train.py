@@ -666,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainA/trainB/testA/testB (default) or pix2pix's side-by-side train/ test/")
     g.add_argument("--max-tiles-per-slide", type=int, default=None)
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation on the test split")
+    g.add_argument("--force", action="store_true",
+                   help="export into a non-empty folder daskpath did not make (only its own "
+                        "names there are replaced)")
     p.add_argument("--phantom-seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--regions", type=int, default=4, help="phantom regions per seed")
     p.add_argument("--region", type=int, default=512, help="phantom region side (px)")
@@ -685,7 +688,8 @@ def _run_pairs(args: argparse.Namespace, cfg: TrainConfig) -> tuple[list, dict, 
     run = run_inputs(args.config, args.from_run, args.slides, args.set)
     export = Path(args.export_dir) if args.export_dir else Path(args.out_dir) / "tile_pairs"
     table = export_tile_pairs(run, export, test_fraction=args.test_fraction, seed=args.split_seed,
-                              layout=args.layout, max_tiles_per_slide=args.max_tiles_per_slide)
+                              layout=args.layout, max_tiles_per_slide=args.max_tiles_per_slide,
+                              force=args.force)
     train_rows = table[table["split"] == "train"]
     small = train_rows[(train_rows["height"] < cfg.crop) | (train_rows["width"] < cfg.crop)]
     pairs = [p for p in folder_pairs(export, "train") if min(p[0].shape[:2]) >= cfg.crop]
