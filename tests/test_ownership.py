@@ -161,3 +161,26 @@ def test_export_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(OutputFolderError, match="did not create"):
         export_tile_pairs(run, out)
     assert (out / "trainA" / "my_tile.png").read_bytes() == b"not daskpath's"
+
+
+@pytest.mark.parametrize("kind", ["rf", "classifier", "translator"])
+def test_model_spec_may_not_name_files_outside_its_folder(tmp_path, kind):
+    from daskpath.errors import ModelError
+
+    outside = tmp_path / "secret.pth"
+    outside.write_bytes(b"not a model")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if kind == "translator":
+        pytest.importorskip("torch")
+        from daskpath.translate.checkpoints import GeneratorSpec, find_weights
+
+        spec = GeneratorSpec(weights="../secret.pth")
+        with pytest.raises(ModelError, match="outside the model folder"):
+            find_weights(folder, spec)
+        return
+    from daskpath.baselines._common import read_spec
+
+    (folder / "daskpath.json").write_text(json.dumps({"kind": kind, "weights": "../secret.pth"}))
+    with pytest.raises(ModelError, match="outside the model folder"):
+        read_spec(folder, kind)

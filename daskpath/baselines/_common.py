@@ -93,6 +93,13 @@ def read_spec(folder: Path, kind: str) -> dict[str, Any]:
             f"{path}: kind={got!r} but a {kind!r} model is needed; point to a folder written by "
             f"`{_TRAIN_CMD[kind]}`"
         )
+    w = spec.get("weights")
+    if isinstance(w, str):
+        try:
+            (folder / w).resolve().relative_to(folder.resolve())
+        except ValueError:
+            raise ModelError(f"{path}: weights {w!r} points outside the model folder; name a "
+                             f"file inside {folder}") from None
     return spec
 
 

@@ -177,10 +177,22 @@ def _shipped(model: str | Path) -> Path | None:
     return None
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` resolves (links followed) to somewhere under ``folder``."""
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def find_weights(folder: Path, spec: GeneratorSpec | None = None) -> Path:
     """The generator weights in a model folder (see the module docstring for the order)."""
     if spec is not None and spec.weights:
         p = folder / spec.weights
+        if not _inside(p, folder):
+            raise ModelError(f"{folder / SPEC_NAME}: weights {spec.weights!r} points outside the "
+                             f"model folder; name a file inside {folder}")
         if not p.is_file():
             raise ModelNotFoundError(f"{folder / SPEC_NAME}: weights {spec.weights!r} not found in "
                                      f"{folder}; fix the 'weights' key or restore the file")
