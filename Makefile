@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXTRAS ?= test,bench,nuclei,torch,slurm,kubernetes,baselines,docs
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench docs clean
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_preprocess.py
+
+docs: install
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
