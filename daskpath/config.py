@@ -40,6 +40,7 @@ from daskpath.stages import stage_names  # noqa: E402 - the stage registry (no s
 STAGES = stage_names()
 CLUSTER_KINDS = ("local", "local-cuda", "slurm", "kubernetes", "address")
 AVAILABLE_CLUSTERS = CLUSTER_KINDS
+SECURITY_KINDS = ("none", "temporary", "tls")
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,17 @@ class KubernetesConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """``cluster.security``: TLS between client, scheduler and workers (:mod:`daskpath.security`)."""
+
+    kind: str = "none"
+    dir: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     kind: str = "local"
     address: str | None = None
@@ -159,6 +171,7 @@ class ClusterConfig:
     cuda: CudaConfig = field(default_factory=CudaConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 @dataclass(frozen=True)
@@ -431,6 +444,16 @@ def _check_cluster(c: ClusterConfig, bad: typing.Callable[[str, Any, str], Confi
     """The ``cluster.*`` checks (packages are checked when the cluster starts, not here)."""
     if c.kind not in CLUSTER_KINDS:
         raise bad("cluster.kind", c.kind, f"one of {', '.join(CLUSTER_KINDS)}")
+    if c.security.kind not in SECURITY_KINDS:
+        raise bad("cluster.security.kind", c.security.kind, f"one of {', '.join(SECURITY_KINDS)}")
+    if c.security.kind == "tls":
+        from daskpath.security import tls_files
+
+        tls_files(c.security)  # every file present, before any work
+    if c.security.kind == "temporary" and c.kind in ("kubernetes", "address"):
+        raise bad("cluster.security.kind", "temporary",
+                  f"a temporary CA cannot reach a {c.kind} scheduler started elsewhere; use "
+                  "kind: tls with the files of `daskpath cluster tls DIR`")
     if c.kind not in AVAILABLE_CLUSTERS:
         raise bad(
             "cluster.kind",
