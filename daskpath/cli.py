@@ -5,6 +5,13 @@
 128 + N after signal N stopped the command: 130 for SIGINT (Ctrl-C), 143 for SIGTERM (what SLURM
 sends on ``scancel`` and at the time limit). A stopped ``daskpath run`` keeps its finished chunks
 and slides and prints one line, ``daskpath: interrupted: rerun the same command to resume``.
+A closed output pipe (``daskpath run ... | head``) ends the command quietly: 141 (128 + SIGPIPE).
+
+``-q`` / ``-v`` / ``-vv`` go before or after the subcommand. ``-q``: warnings and errors only;
+default: one line per slide; ``-v``: daskpath's debug messages, TensorFlow's, absl's and
+libvips' info (silenced otherwise, also in the worker processes); ``-vv``: every library's
+debug output (see :mod:`daskpath._logging`). Progress bars are drawn only on a terminal; in a
+log file or a pipe a progress line is logged every 30 s instead.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from daskpath import __version__
+from daskpath._logging import chatter_env, setup_logging
 from daskpath.errors import DaskpathError
 
 __all__ = ["main"]
@@ -76,14 +85,17 @@ def _stop_signals(received: list[int]) -> Iterator[None]:
 
 def _fail(message: str) -> None:
     """The one line on stderr that tells why a command stopped."""
-    print(f"daskpath: {message}", file=sys.stderr)
+    with contextlib.suppress(OSError):  # stderr itself may be a closed pipe
+        print(f"daskpath: {message}", file=sys.stderr)
 
 
-def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
-    if verbosity >= 2:
-        level = logging.DEBUG - 5  # -vv: distributed's own INFO messages too
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+def _stdout_gone() -> None:
+    """After a BrokenPipeError on stdout: point it at /dev/null, so that the interpreter's final
+    flush does not report the same error again."""
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -110,9 +122,15 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from daskpath import ome
     from daskpath.io import slide_info
 
     for p in args.slides:
+        d = Path(p)
+        if d.is_dir() and ((d / "zarr.json").is_file() or (d / ".zattrs").is_file()):
+            # an OME-Zarr (ingest, layers, virtual IHC, labels): what the NGFF metadata says
+            print("\n".join(ome.format_description(ome.describe(p))))
+            continue
         info = slide_info(p)
         print(f"{p}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     return 0
@@ -121,10 +139,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _print_result(res) -> None:
     import pandas as pd
 
+    from daskpath.outputs import format_number
+
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         if len(res.slides):
             cols = [c for c in res.slides.columns if c not in ("height", "width", "mpp")]
-            print(res.slides[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+            print(res.slides[cols].to_string(index=False, float_format=format_number))
     # what this run's tables are made of (run.json): stale outputs of other runs are not listed
     run_json = res.output_dir / "run.json"
     published = json.loads(run_json.read_text()).get("outputs", []) if run_json.exists() else []
@@ -151,6 +171,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.cluster:
         overrides.append(f"cluster.kind={args.cluster}")
+    if args.force:
+        overrides.append("overwrite=true")
     cfg = load_config(args.config, overrides)
     res = run(
         cfg,
@@ -215,12 +237,22 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_cluster(args: argparse.Namespace) -> int:
     from daskpath.cluster import kubernetes_manifests, manifests_yaml, slurm_job_script
     from daskpath.config import load_config
+    from daskpath.errors import ConfigError
 
-    cfg = load_config(args.config, args.set or [])
-    if not args.print:
-        print(f"daskpath cluster {args.target}: nothing to do; add --print to render the "
-              f"{'job script' if args.target == 'slurm' else 'manifests'}", file=sys.stderr)
+    if args.target == "tls":
+        return _cluster_tls(args)
+    if args.print is None:
+        what = "job script" if args.target == "slurm" else "manifests"
+        _fail(f"cluster {args.target}: nothing to do; add --print to render the {what} "
+              f"(daskpath cluster {args.target} --print [CONFIG])")
         return 2
+    config = args.config
+    if isinstance(args.print, str):  # --print CONFIG
+        if config is not None:
+            raise ConfigError(f"two configs given ({args.print} and {config}): give one, as "
+                              f"daskpath cluster {args.target} --print CONFIG")
+        config = Path(args.print)
+    cfg = load_config(config, args.set or [])
     if args.target == "slurm":
         print(slurm_job_script(cfg.cluster), end="")
     else:
@@ -228,62 +260,139 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_tls(args: argparse.Namespace) -> int:
+    from daskpath.security import make_tls
+
+    if args.config is None:
+        _fail("cluster tls: name the folder for the certificates: daskpath cluster tls DIR "
+              "[--host NODE ...]")
+        return 2
+    files = make_tls(args.config, hosts=args.host or [], days=args.days, force=args.force)
+    d = Path(args.config)
+    print(f"wrote {', '.join(str(f) for f in files.values())}")
+    print(f"use it with: cluster.security: {{kind: tls, dir: {d.resolve()}}}  "
+          f"(SLURM scripts: DASKPATH_TLS_DIR={d.resolve()}; Kubernetes: kubectl create secret "
+          f"generic <cluster.kubernetes.name>-tls --from-file={d.resolve()})")
+    print(f"keep {files['ca_key_file'].name} private: whoever holds it can join the cluster")
+    return 0
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help with the default of every option that takes a value: ``(default: X)`` is appended
+    unless the help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.nargs == 0:  # a flag (store_true, count, help, version): off unless given
+            return text
+        default = action.default
+        if default is None or default == []:
+            return f"{text} (default: none)"
+        if isinstance(default, (tuple, list)):
+            default = " ".join(str(v) for v in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})"  # help is %-formatted
+
+
+def _verbosity_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """``-v`` / ``-q``, on the main parser and again on every subcommand (so they work before
+    or after it). A subcommand's go to their own ``dest`` (argparse copies a subparser's values
+    over the main parser's, which would lose a ``-v`` given before the subcommand)."""
+    sfx = "" if top else "_sub"
+    extra = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("-v", "--verbose", action="count", dest=f"verbose{sfx}",
+                        **({"default": 0} if top else extra),
+                        help="more output: -v adds daskpath's debug messages, TensorFlow / absl / "
+                        "libvips info and tracebacks of errors; -vv every library's debug output")
+    parser.add_argument("-q", "--quiet", action="store_true", dest=f"quiet{sfx}", **extra,
+                        help="warnings and errors only")
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set tiles.size=2048; repeatable "
+                        "(default: no overrides)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     p = argparse.ArgumentParser(
         prog="daskpath",
         description="Ki67 tumor ratios in whole-slide H&E / IHC pairs, at cluster scale with Dask.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"daskpath {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging; tracebacks")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    _verbosity_options(p, top=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("synth", help="write synthetic (phantom) H&E/IHC pairs with ground truth")
-    s.add_argument("out_dir", type=Path)
-    s.add_argument("--pairs", type=int, default=1)
-    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(4096, 4096))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--layout", choices=("tiled", "png", "stripped"), default="tiled",
-                   help="tiled pyramidal JPEG TIFF (default) or the flat layouts of the reference cohort")
-    s.add_argument("--tile-size", type=int, default=512)
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        kw.setdefault("description", kw.get("help"))
+        sp = sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
+        _verbosity_options(sp, top=False)
+        return sp
+
+    s = command("synth", help="write synthetic (phantom) H&E/IHC pairs with ground truth")
+    s.add_argument("out_dir", type=Path, help="folder for the slides and manifest.csv")
+    s.add_argument("--pairs", type=int, default=1, help="number of slide pairs")
+    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(4096, 4096),
+                   help="slide height and width in pixels")
+    s.add_argument("--seed", type=int, default=0,
+                   help="random seed of the first pair (pair i: seed + i)")
+    s.add_argument("--layout", choices=("tiled", "png", "stripped", "zarr"), default="tiled",
+                   help="tiled pyramidal JPEG TIFF, or the flat layouts of the reference cohort "
+                   "(PNG, stripped TIFF), or OME-Zarr (NGFF 0.5)")
+    s.add_argument("--tile-size", type=int, default=512,
+                   help="TIFF tile side in pixels (tiled layout)")
     s.set_defaults(func=_cmd_synth)
 
-    s = sub.add_parser("ingest", help="convert a flat raster (PNG, stripped TIFF) to chunked OME-Zarr")
-    s.add_argument("src", type=Path)
-    s.add_argument("dst", type=Path, nargs="?", default=None)
-    s.add_argument("--chunk-size", type=int, default=1024)
-    s.add_argument("--overwrite", action="store_true")
+    s = command("ingest", help="convert a flat raster (PNG, stripped TIFF) to chunked OME-Zarr")
+    s.add_argument("src", type=Path, help="the slide file to convert")
+    s.add_argument("dst", type=Path, nargs="?", default=None,
+                   help="output folder (default: beside SRC, suffix replaced by .ome.zarr)")
+    s.add_argument("--chunk-size", type=int, default=1024,
+                   help="chunk side of the written arrays in pixels (a multiple of 16)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     s.set_defaults(func=_cmd_ingest)
 
-    s = sub.add_parser("info", help="print size, tiles, mpp and levels of slides")
-    s.add_argument("slides", nargs="+", type=Path)
+    s = command("info", help="print size, tiles, mpp and levels of slides")
+    s.add_argument("slides", nargs="+", type=Path, help="slide files or OME-Zarr folders")
     s.set_defaults(func=_cmd_info)
 
-    s = sub.add_parser("run", help="run the pipeline on the slides of a config")
-    s.add_argument("config", type=Path)
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set tiles.size=2048 (repeatable)")
-    s.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    s = command("run", help="run the pipeline on the slides of a config")
+    s.add_argument("config", type=Path, help="the run's YAML config (see `daskpath config`)")
+    _add_set(s)
+    s.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="address of an existing Dask scheduler (default: start the cluster of "
+                   "cluster.kind)")
     s.add_argument("--cluster", default=None,
                    choices=("local", "local-cuda", "slurm", "kubernetes", "address"),
-                   help="cluster kind (same as --set cluster.kind=KIND)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="cluster kind, same as --set cluster.kind=KIND (default: the config's "
+                   "cluster.kind)")
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (on a terminal) or progress lines (otherwise)")
+    s.add_argument("--force", action="store_true",
+                   help="write into an output_dir that holds files daskpath did not create and "
+                   "recompute every stage (same as --set overwrite=true); only daskpath's own "
+                   "file names are written or removed there")
     s.add_argument("--performance-report", metavar="FILE.html", default=None,
-                   help="write Dask's performance report of the run to this file")
+                   help="write Dask's performance report of the run to this file (default: no "
+                   "report)")
     s.set_defaults(func=_cmd_run, resumable=True)
 
-    s = sub.add_parser("demo", help="synthetic pair + whole pipeline on a local cluster")
-    s.add_argument("--out", default="demo_out")
-    s.add_argument("--size", type=int, default=4096)
-    s.add_argument("--pairs", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
+    s = command("demo", help="synthetic pair + whole pipeline on a local cluster")
+    s.add_argument("--out", default="demo_out", help="folder for the slides and the results")
+    s.add_argument("--size", type=int, default=4096,
+                   help="side of the square synthetic slides in pixels")
+    s.add_argument("--pairs", type=int, default=1, help="number of slide pairs")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the synthetic slides")
     s.add_argument("--fresh", action="store_true", help="regenerate the synthetic slides")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE")
-    s.add_argument("--no-progress", action="store_true")
+    _add_set(s)
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (on a terminal) or progress lines (otherwise)")
     s.set_defaults(func=_cmd_demo, resumable=True)
 
-    s = sub.add_parser(
+    s = command(
         "train",
         help="train a model: stardist (nucleus segmentation), translator (H&E -> IHC GAN), "
         "rf (random-forest pixel classifier) or classifier (3-class ResNet18)",
@@ -291,50 +400,86 @@ def build_parser() -> argparse.ArgumentParser:
         "trainer: `daskpath train stardist -- --help`, `daskpath train translator -- --help`, "
         "`daskpath train rf -- --help`, `daskpath train classifier -- --help`. "
         "`daskpath train translator OUT_DIR --config RUN.yaml` trains on the kept tiles of a finished "
-        "run (random crops, flips), holding out whole slides (--test-fraction) for evaluation.json.",
+        "run (random crops, flips), holding out whole slides (--test-fraction) for "
+        "evaluation.json. -v/-q go before WHAT.",
     )
-    s.add_argument("what", choices=("stardist", "translator", "rf", "classifier"))
+    s.add_argument("what", choices=("stardist", "translator", "rf", "classifier"),
+                   help="the model to train")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="trainer arguments (see -- --help)")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("config", help="print the merged, validated configuration")
-    s.add_argument("config", type=Path, nargs="?", default=None)
-    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s = command("config", help="print the merged, validated configuration")
+    s.add_argument("config", type=Path, nargs="?", default=None,
+                   help="a YAML config (default: the shipped defaults only)")
+    _add_set(s)
     s.set_defaults(func=_cmd_config)
 
-    s = sub.add_parser("cluster", help="render the SLURM job script or Kubernetes manifests of a config")
-    s.add_argument("target", choices=("slurm", "kubernetes"))
-    s.add_argument("config", type=Path, nargs="?", default=None)
-    s.add_argument("--print", action="store_true",
-                   help="print the sbatch script of one worker job / the DaskCluster manifests")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s = command(
+        "cluster",
+        help="render the SLURM job script or Kubernetes manifests of a config",
+        description="Print what cluster.kind slurm / kubernetes would submit, without starting "
+        "anything: `daskpath cluster slurm --print my.yaml` (the sbatch script of one worker "
+        "job; the scheduler address is the placeholder tcp://SCHEDULER_HOST:PORT), "
+        "`daskpath cluster kubernetes --print my.yaml` (the DaskCluster manifests and the "
+        "scheduler's NetworkPolicy). `daskpath cluster tls DIR --host NODE` makes a CA and a "
+        "certificate for cluster.security (mutual TLS between client, scheduler and workers).",
+    )
+    s.add_argument("target", choices=("slurm", "kubernetes", "tls"),
+                   help="what to render (slurm, kubernetes) or make (tls: a CA and certificate "
+                   "for cluster.security)")
+    s.add_argument("config", type=Path, nargs="?", default=None,
+                   help="a YAML config (or give it after --print; default: the shipped defaults); "
+                   "for tls: the folder to write")
+    s.add_argument("--host", action="append", default=None, metavar="NAME",
+                   help="tls: a host name or IP the scheduler is reached by (repeatable; "
+                   "localhost is always included)")
+    s.add_argument("--days", type=int, default=365, help="tls: certificate validity in days")
+    s.add_argument("--force", action="store_true",
+                   help="tls: write into a non-empty folder daskpath did not make")
+    s.add_argument("--print", nargs="?", const=True, default=None, metavar="CONFIG",
+                   help="print the sbatch script of one worker job / the DaskCluster manifests "
+                   "of CONFIG (default: the config given before, else the shipped defaults)")
+    _add_set(s)
     s.set_defaults(func=_cmd_cluster)
     return p
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    """-1 with -q (before or after the subcommand), else the number of -v."""
+    if args.quiet or getattr(args, "quiet_sub", False):
+        return -1
+    return int(args.verbose) + int(getattr(args, "verbose_sub", 0))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``daskpath`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    verbosity = -1 if args.quiet else args.verbose
-    _setup_logging(verbosity)
+    verbosity = _verbosity(args)
+    setup_logging(verbosity)
     received: list[int] = []  # stop signals, first first
     try:
-        with _stop_signals(received):
-            return int(args.func(args))
+        # before any worker process is spawned: they inherit the environment
+        with chatter_env(verbosity), _stop_signals(received):
+            status = int(args.func(args))
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return status
     except DaskpathError as e:
-        if args.verbose:
+        if verbosity > 0:
             log.exception("error")
         _fail(f"error: {e}")
         return 2
+    except BrokenPipeError:  # `daskpath run ... | head`: the reader has gone, so do we
+        _stdout_gone()
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
-        if args.verbose:
+        if verbosity > 0:
             log.exception("interrupted")
         _fail("interrupted: rerun the same command to resume" if getattr(args, "resumable", False)
               else "interrupted")
         return 128 + (received[0] if received else signal.SIGINT)
     except Exception as e:  # noqa: BLE001
-        if args.verbose:
+        if verbosity > 0:
             log.exception("internal error")
         _fail(f"internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)")
         return 1

@@ -76,6 +76,7 @@ __all__ = [
     "tile_sums",
     "tile_ratios",
     "write_geojson",
+    "write_class_labels",
     "DEFAULT_DAB_THRESHOLD",
     "NUCLEI_COLUMNS",
 ]
@@ -131,8 +132,11 @@ def _configure_tensorflow() -> None:
     if _TF_READY:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from daskpath._logging import quiet_chatty_loggers, quiet_native_stderr
+
     try:
-        import tensorflow as tf
+        with quiet_native_stderr():  # absl's lines while TF's libraries load
+            import tensorflow as tf
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ModelError(
             f"StarDist needs tensorflow ({e}); install the nuclei extra: "
@@ -150,6 +154,7 @@ def _configure_tensorflow() -> None:
             tf.config.threading.set_inter_op_parallelism_threads(int(threads))
         except RuntimeError:
             pass
+    quiet_chatty_loggers()  # TF's Python warnings (retracing, ...) unless TF_CPP_MIN_LOG_LEVEL=0
     _TF_READY = True
 
 
@@ -532,9 +537,14 @@ def segment_nuclei(
         and give no nuclei and zero labels. A nucleus whose centroid lies in a rectangle is owned
         by a segmented chunk, so it is found exactly as in a whole-slide run. ``None``: all.
     labels_store : path, optional
-        A zarr array path: each chunk task writes its core labels there itself (the zarr chunks
-        are the work chunks, so every zarr chunk has one writer). An existing array of the same
-        shape and chunks is reused (a resumed run keeps the chunks already written).
+        Where to write the label image, as an OME-NGFF 0.5 label image (:mod:`daskpath.ome`:
+        ``image-label`` metadata, axes ``y, x``, level ``0`` plus pyramid levels filled later by
+        :func:`daskpath.ome.build_pyramid`). A path ``<image>/labels/<name>`` inside an NGFF
+        image becomes a label of that image (its pixel size); any other path a standalone label
+        image (set its pixel size with :func:`daskpath.ome.set_mpp`). Each chunk task writes
+        its core labels to level 0 itself (the zarr chunks are the work chunks, so every zarr
+        chunk has one writer). An existing label image of the same shape and chunks is reused
+        (a resumed run keeps the chunks already written).
     record_dir : path, optional
         Record each chunk's nucleus table as ``record_dir/<i>_<j>.parquet`` (written after its
         labels); on a rerun recorded chunks are loaded, not segmented again (resume).
@@ -556,7 +566,7 @@ def segment_nuclei(
         ``prob`` [, ``dab_od``], ``polygon`` (StarDist's star-convex outline in slide pixels,
         ``(y, x)`` per ray flattened to ``2 * n_rays`` float32), sorted by (y, x). Compute both together
         (``dask.compute(labels, table)``) to run StarDist once. With ``labels_store`` the labels
-        are ``da.from_zarr(labels_store)``, complete once ``table`` is computed.
+        are level 0 of the label image, complete once ``table`` is computed.
     """
     import dask
     import dask.array as da
@@ -653,7 +663,12 @@ def segment_nuclei(
                                            meta=np.empty((0, 0), np.int32)))
                 parts.append(tab)
             rows.append(row)
-    labels = da.from_zarr(labels_store) if labels_store is not None else None if in_task else da.block(rows)
+    if labels_store is not None:
+        from daskpath import ome
+
+        labels = da.from_zarr(ome.open_level(labels_store, 0))
+    else:
+        labels = None if in_task else da.block(rows)
     if parts:
         table = dask.delayed(_concat, pure=True)(parts)
     else:
@@ -662,16 +677,80 @@ def segment_nuclei(
 
 
 def _labels_array(path: str, shape: tuple[int, int], chunks: tuple[int, int]) -> None:
-    """Create the int32 label array at ``path`` unless one of this shape and chunking exists."""
-    import zarr
+    """Create the int32 NGFF label image at ``path`` unless one of this shape and chunking
+    exists (see ``labels_store`` in :func:`segment_nuclei`)."""
+    from daskpath import ome
 
     try:
-        z = zarr.open_array(path, mode="r")
+        z = ome.open_level(path, 0)
         if z.shape == tuple(shape) and z.chunks == tuple(chunks) and z.dtype == np.int32:
             return
-    except Exception:  # noqa: BLE001 - missing or unreadable: (re)create
+    except Exception:  # noqa: BLE001 - missing, unreadable or an older layout: (re)create
         pass
-    zarr.open_array(path, mode="w", shape=shape, chunks=chunks, dtype=np.int32, fill_value=0)
+    ome.create_labels(path, shape, chunks=chunks, dtype=np.int32,
+                      attrs={"content": "nucleus ids (the id column of the nuclei table)"})
+
+
+def write_class_labels(labels_store: str | os.PathLike[str], classes_store: str | os.PathLike[str],
+                       table: pd.DataFrame, *, compute: bool = True):
+    """The Ki67 class label image of a nucleus label image: 1 = negative, 2 = positive.
+
+    Parameters
+    ----------
+    labels_store : path
+        An NGFF label image of nucleus ids (``labels_store`` of :func:`segment_nuclei`).
+    classes_store : path
+        Where to write the class label image: uint8, same shape, chunks and pixel size, 0 =
+        background (and nuclei absent from ``table``), ``image-label`` colours (negative blue,
+        positive brown) and properties (``class``: ``Negative`` / ``Positive``) that napari
+        shows. ``<image>/labels/<name>`` makes it a label of that image (see
+        :func:`daskpath.ome.create_labels`).
+    table : pandas.DataFrame
+        The nuclei table (columns ``id``, ``positive``), e.g. from :func:`measure_nuclei`.
+    compute : bool
+        ``False``: return a Delayed that writes level 0 chunk by chunk, then the pyramid.
+
+    Returns
+    -------
+    None or dask.delayed.Delayed
+    """
+    import dask
+
+    from daskpath import ome
+
+    ids = ome.open_level(labels_store, 0)
+    mpp = ome.describe(labels_store)["mpp"]
+    ome.create_labels(classes_store, ids.shape, chunks=ids.chunks, mpp=mpp, dtype=np.uint8,
+                      colors=ome.CLASS_COLORS, properties=ome.CLASS_PROPERTIES,
+                      attrs={"content": "Ki67 class of each nucleus: 1 negative, 2 positive"})
+    pos = table["positive"].to_numpy(bool)
+    idv = table["id"].to_numpy(np.int64)
+    lut = dask.delayed((np.sort(idv[~pos]), np.sort(idv[pos])), pure=True)
+    cy, cx = ids.chunks
+    fn = dask.delayed(_class_chunk, pure=True)
+    parts = [fn(str(labels_store), str(classes_store), (y0, min(y0 + cy, ids.shape[0]), x0,
+                                                        min(x0 + cx, ids.shape[1])), lut)
+             for y0 in range(0, ids.shape[0], cy) for x0 in range(0, ids.shape[1], cx)]
+    task = dask.delayed(ome.pyramid_after, pure=False)(parts, str(classes_store))
+    if compute:
+        task.compute()
+        return None
+    return task
+
+
+def _class_chunk(labels_store: str, classes_store: str, region: tuple[int, int, int, int],
+                 lut: tuple[np.ndarray, np.ndarray]) -> None:
+    """One zarr chunk of :func:`write_class_labels` (skips chunks without nuclei)."""
+    from daskpath import ome
+
+    y0, y1, x0, x1 = region
+    ids = np.asarray(ome.open_level(labels_store, 0)[y0:y1, x0:x1])
+    if not ids.any():
+        return
+    out = np.zeros(ids.shape, np.uint8)
+    out[np.isin(ids, lut[0])] = 1
+    out[np.isin(ids, lut[1])] = 2
+    ome.write_region(classes_store, y0, x0, out)
 
 
 def _segment_chunk(img, dab, *, labels_store: str | None, core: tuple[int, int, int, int],
@@ -679,10 +758,9 @@ def _segment_chunk(img, dab, *, labels_store: str | None, core: tuple[int, int, 
     """:func:`_segment_block`, writing the core labels to ``labels_store``; returns the table."""
     lab, tab = _segment_block(img, dab, core=core, **kw)
     if labels_store is not None:
-        import zarr
+        from daskpath import ome
 
-        y0, y1, x0, x1 = core
-        zarr.open_array(labels_store, mode="r+")[y0:y1, x0:x1] = lab
+        ome.write_region(labels_store, core[0], core[2], lab)
     return tab
 
 
@@ -739,7 +817,7 @@ def measure_nuclei(
     nms_thresh: float | None = None,
     labels_store=None,
     resources: dict[str, float] | None = None,
-    region: Sequence[tuple[int, int, int, int]] | None = None,
+    region: pd.DataFrame | Sequence[tuple[int, int, int, int]] | None = None,
     record_dir: str | os.PathLike[str] | None = None,
     compute: bool = True,
 ) -> pd.DataFrame:
@@ -747,8 +825,8 @@ def measure_nuclei(
 
     Parameters
     ----------
-    ihc_rgb : dask array (y, x, 3) uint8
-        The Ki67 IHC slide.
+    ihc_rgb : xarray.DataArray, dask array or ndarray, (y, x, 3) uint8
+        The Ki67 IHC slide, e.g. ``ds.ihc`` from :func:`daskpath.open_pair`.
     model : str, Path or ModelRef
         StarDist model (see :func:`load_stardist`).
     method : {"nucleus", "two-channel"}
@@ -774,9 +852,21 @@ def measure_nuclei(
     compute : bool
         ``False``: return a :class:`dask.delayed.Delayed` of the table (slide-level statistics,
         normalisation and stain vectors, are still computed here); submit it to a cluster.
-    region : sequence of (y0, y1, x0, x1), optional
-        Segment only the chunks meeting these rectangles (e.g. the kept tiles); see
-        :func:`segment_nuclei`. Normalisation and stain vectors still come from the whole slide.
+    region : DataFrame or sequence of (y0, x0, height, width), optional
+        Tiles where nuclei are wanted, in the tile table's convention: a tile table (columns
+        ``y0, x0, height, width``; with a ``keep`` column only its kept rows count), e.g.
+        ``tiles[tiles.keep]`` from :func:`daskpath.tile_table`, or ``(y0, x0, height, width)``
+        tuples. Only the chunks meeting a tile are segmented (with their full halo), so every
+        nucleus whose centroid lies in a tile is found exactly as in a whole-slide run; see
+        :func:`segment_nuclei`. Normalisation and stain vectors still come from the whole
+        slide. ``None``: the whole slide; no rows: no nuclei. *Changed*: before, tuples were
+        ``(y0, y1, x0, x1)``.
+
+    Raises
+    ------
+    InvalidInputError
+        (a ``ValueError``) A region tile that is empty (height or width <= 0), outside the
+        slide, or not integer pixels; a bad ``method`` / ``dab_threshold``.
 
     Returns
     -------
@@ -794,7 +884,8 @@ def measure_nuclei(
     if not (dab_threshold == "auto" or isinstance(dab_threshold, (int, float))):
         raise InvalidInputError(f"dab_threshold must be a number or 'auto', got {dab_threshold!r}")
     if not isinstance(ihc_rgb, da.Array):
-        ihc_rgb = da.asarray(ihc_rgb)
+        ihc_rgb = da.asarray(ihc_rgb)  # a DataArray gives its dask array
+    region = _region_rectangles(region, ihc_rgb.shape[:2])
     ref = resolve_model(model)
     if isinstance(stain_matrix, str):
         if stain_matrix != "macenko":
@@ -843,6 +934,67 @@ def measure_nuclei(
         attrs |= {"normalize_h": list(nh), "normalize_dab": list(nd)}
         result = dask.delayed(_classify_two_channel, pure=True)(th, td, attrs)
     return result.compute() if compute else result
+
+
+def _region_rectangles(region: Any, shape: tuple[int, int]) -> list[tuple[int, int, int, int]] | None:
+    """Tiles ``(y0, x0, height, width)`` (a tile table or tuples) as checked ``(y0, y1, x0, x1)``.
+
+    A DataFrame needs the columns ``y0, x0, height, width``; with a boolean ``keep`` column
+    only its kept rows are used. ``None`` stays ``None`` (the whole slide).
+
+    Raises
+    ------
+    InvalidInputError
+        A tile with height or width <= 0, one outside the ``shape`` (height, width) slide, a
+        non-integer or missing value, or rows that are not 4 numbers.
+    """
+    if region is None:
+        return None
+    import pandas as pd
+
+    fix = ("pass a tile table (daskpath.tile_table(ds), e.g. tiles[tiles.keep]) or "
+           "(y0, x0, height, width) tuples in slide pixels")
+    if isinstance(region, pd.DataFrame):
+        missing = [c for c in ("y0", "x0", "height", "width") if c not in region.columns]
+        if missing:
+            raise InvalidInputError(f"measure_nuclei: region table lacks column(s) "
+                                    f"{', '.join(missing)}: {fix}")
+        if "keep" in region.columns:
+            region = region[region["keep"].astype(bool)]
+        raw = region[["y0", "x0", "height", "width"]].to_numpy()
+    else:
+        try:
+            raw = np.asarray(list(region), dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"measure_nuclei: region {region!r:.80} is not a list of "
+                                    f"(y0, x0, height, width): {fix}") from None
+        if raw.size == 0:
+            raw = raw.reshape(0, 4)
+        if raw.ndim != 2 or raw.shape[1] != 4:
+            raise InvalidInputError(f"measure_nuclei: region rows must be (y0, x0, height, width), "
+                                    f"got an array of shape {raw.shape}: {fix}")
+    try:
+        vals = raw.astype(np.float64)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"measure_nuclei: region values must be integer pixels: {fix}") from None
+    bad = ~np.isfinite(vals).all(axis=1) | (vals != np.round(vals)).any(axis=1)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise InvalidInputError(f"measure_nuclei: region row {k} {tuple(raw[k])} is not integer "
+                                f"pixels: {fix}")
+    r = vals.astype(np.int64)
+    h, w = int(shape[0]), int(shape[1])
+    for k, (y0, x0, th, tw) in enumerate(r):
+        if th <= 0 or tw <= 0:
+            raise InvalidInputError(
+                f"measure_nuclei: region row {k} (y0={y0}, x0={x0}, height={th}, width={tw}) is "
+                "empty and would select no nuclei: give tiles with height and width > 0 "
+                "(region rows are (y0, x0, height, width), as in a tile table, not (y0, y1, x0, x1))")
+        if y0 < 0 or x0 < 0 or y0 + th > h or x0 + tw > w:
+            raise InvalidInputError(
+                f"measure_nuclei: region row {k} (y0={y0}, x0={x0}, height={th}, width={tw}) "
+                f"reaches outside the {h}x{w} px slide: use tiles of this slide ({fix})")
+    return [(int(y0), int(y0 + th), int(x0), int(x0 + tw)) for y0, x0, th, tw in r]
 
 
 def _first(a: Any, *_: Any) -> Any:

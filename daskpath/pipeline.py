@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from daskpath.config import Config
 from daskpath.runner import RunResult
@@ -28,6 +30,9 @@ from daskpath.stages.preprocess import (
 
 __all__ = ["RunResult", "SlidePlan", "TILE_COLUMNS", "keep_mask", "plan_preprocess", "run",
            "summarize_slide", "tiles_from_sums"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -59,48 +64,85 @@ def plan_preprocess(slide: str, he: str | Path, ihc: str | Path, cfg: Config,
 
 
 def run(
-    cfg: Config,
+    cfg: Config | None = None,
     client=None,
     scheduler: str | None = None,
     progress: bool | Callable[[str, int, int], None] = False,
     performance_report: str | Path | None = None,
+    *,
+    slides: str | os.PathLike[str] | pd.DataFrame | Sequence[tuple[str, Any, Any]] | None = None,
 ) -> RunResult:
     """Run the configured stages on every slide of the manifest.
 
     Parameters
     ----------
-    cfg : Config
-        Validated configuration; ``cfg.slides`` must point at a manifest.
+    cfg : Config, optional
+        Validated configuration (:func:`daskpath.load_config`); default: the defaults.
     client : distributed.Client, optional
         Use this client; otherwise one is started from ``cfg.cluster`` (or ``scheduler``).
     scheduler : str, optional
         Address of an existing scheduler (ignored when ``client`` is given).
     progress : bool or callable
-        ``True`` shows progress bars (slides, chunks); a callable gets ``(slide, done, total)``.
+        ``True`` shows progress bars (slides, chunks) on a terminal or in a notebook, and logs a
+        progress line every 30 s otherwise (no control characters in log files); a callable
+        gets ``(slide, done, total)``.
     performance_report : path, optional
         Write Dask's performance report (task stream, profiles, bandwidth) to this HTML file.
+    slides : path, DataFrame or list of (slide, he, ihc), optional
+        The slide pairs, instead of ``cfg.slides``: a manifest CSV, a DataFrame with columns
+        ``slide, he, ihc``, or ``(slide, he, ihc)`` tuples (relative paths against the current
+        directory). A DataFrame or list is written to ``output_dir/manifest.csv``, which the
+        run's ``config.yaml`` then names, so the folder still says what produced it.
 
     Returns
     -------
     RunResult
         The cohort tables (also written under ``cfg.output_dir``), the failures, and per slide
         and stage whether it was recomputed (``result.stages``).
+
+    Raises
+    ------
+    ConfigError
+        Neither ``slides`` nor ``cfg.slides`` is given.
+    ManifestError, ManifestNotFoundError
+        The manifest is unreadable or invalid (a ``ValueError`` / ``FileNotFoundError``).
+
+    Examples
+    --------
+    >>> cfg = daskpath.load_config(None, ["output_dir=out", "stages=[preprocess]"])  # doctest: +SKIP
+    >>> res = daskpath.run(cfg, slides=[("a", "a_HE.tif", "a_IHC.tif")])         # doctest: +SKIP
     """
     from daskpath.cluster import connect
+    from daskpath.config import load_config
     from daskpath.errors import ConfigError
     from daskpath.io import read_manifest
 
-    if not cfg.slides:
-        raise ConfigError("config key 'slides' is empty; set it to a manifest CSV (slide,he,ihc)")
-    manifest = read_manifest(cfg.slides)
+    if cfg is None:
+        cfg = load_config()
+    source = slides if slides is not None else cfg.slides
+    if source is None or (isinstance(source, str) and not source):
+        raise ConfigError("config key 'slides' is empty; set it to a manifest CSV (slide,he,ihc), "
+                          "or pass slides= (a path, a DataFrame or (slide, he, ihc) tuples)")
+    manifest = read_manifest(source)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, str | os.PathLike):
+        cfg = replace(cfg, slides=str(source))
+    else:  # the manifest given as data: write it down, so config.yaml names a file
+        cfg = replace(cfg, slides=str(_write_manifest(manifest, out)))
     _write_run_config(cfg, out)
     t0 = time.perf_counter()
     if client is None:
         with connect(cfg.cluster, scheduler) as c:
             return _run_reported(cfg, manifest, out, c, progress, t0, performance_report)
     return _run_reported(cfg, manifest, out, client, progress, t0, performance_report)
+
+
+def _write_manifest(manifest: pd.DataFrame, out: Path) -> Path:
+    """``output_dir/manifest.csv``: a manifest given as data, absolute paths, written atomically."""
+    from daskpath.outputs import write_table
+
+    return write_table(manifest, out / "manifest.csv")
 
 
 def _write_run_config(cfg: Config, out: Path) -> Path:

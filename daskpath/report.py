@@ -3,10 +3,10 @@
 First the cohort: the slide table, any failures and, when a ground truth was measured, one
 block per predictor (``ratio_<method>`` vs ``ratio_ihc`` over kept tiles): its scores, a
 scatter plot with the +-0.1 band and the class bins, and the 3-class confusion matrix. Then per
-slide: the H&E and IHC thumbnails with the tile grid drawn over them (green = kept, orange =
-tissue but SSIM below the threshold, no box = background), a per-tile SSIM map, and maps of
-the per-tile ratios (ground truth and each predictor). Images are embedded as
-base64 PNG so the file can be mailed or opened from a cluster's shared disk.
+slide: the H&E and IHC thumbnails with the tile grid drawn over them and a legend (green = kept,
+orange = tissue but SSIM below the threshold, no box = background), a per-tile SSIM map, and
+maps of the per-tile ratios (ground truth and each predictor), tiles numbered on integer ticks.
+Images are embedded as base64 PNG so the file can be mailed or opened from a cluster's shared disk.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from daskpath.config import Config
-from daskpath.outputs import atomic_path
+from daskpath.outputs import atomic_path, format_number
 from daskpath.publish import slide_key
 
 __all__ = ["write_report"]
@@ -31,6 +31,34 @@ def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+#: Tile box colours on the thumbnails.
+_KEPT = "#1a9850"
+_DISSIMILAR = "#fdae61"
+
+
+def _tile_legend(cfg: Config) -> list:
+    """Legend entries of the tile boxes: kept, tissue but dissimilar, background (no box)."""
+    from matplotlib.patches import Patch
+
+    return [
+        Patch(facecolor="none", edgecolor=_KEPT, linewidth=1.2,
+              label=f"kept (tissue >= {cfg.tiles.min_tissue}, SSIM >= {cfg.ssim.threshold})"),
+        Patch(facecolor="none", edgecolor=_DISSIMILAR, linewidth=1.2,
+              label=f"tissue, SSIM < {cfg.ssim.threshold}"),
+        Patch(facecolor="none", edgecolor="none", label="no box: background"),
+    ]
+
+
+def _tile_axes(ax) -> None:
+    """Axes of a per-tile map: tile indices, integer ticks only."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("tile x")
+    ax.set_ylabel("tile y")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _slide_figure(slide: str, tiles: pd.DataFrame, layer_dir: Path, cfg: Config) -> str | None:
@@ -43,12 +71,15 @@ def _slide_figure(slide: str, tiles: pd.DataFrame, layer_dir: Path, cfg: Config)
 
     if not layer_dir.exists():
         return None
-    root = zarr.open_group(str(layer_dir), mode="r")
-    names = set(root.array_keys())
-    if "thumbnail_he" not in names:
+    from daskpath import ome
+
+    thumb_dir = layer_dir / "thumbnails"
+    if not (ome.is_ngff(thumb_dir / "he") and ome.is_ngff(thumb_dir / "ihc")):
         return None
-    step = int(root.attrs.get("thumbnail_step", 1))
-    thumbs = [("H&E", root["thumbnail_he"][:]), ("IHC", root["thumbnail_ihc"][:])]
+    step = int(dict(zarr.open_group(str(layer_dir), mode="r").attrs)
+               .get("daskpath", {}).get("thumbnail_step", 1))
+    thumbs = [("H&E", ome.read_image(thumb_dir / "he")),
+              ("IHC", ome.read_image(thumb_dir / "ihc"))]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     for ax, (title, img) in zip(axes[:2], thumbs):
         ax.imshow(img)
@@ -58,7 +89,7 @@ def _slide_figure(slide: str, tiles: pd.DataFrame, layer_dir: Path, cfg: Config)
             tissue = r.tissue_fraction >= cfg.tiles.min_tissue
             if not tissue:
                 continue
-            color = "#1a9850" if r.keep else "#fdae61"
+            color = _KEPT if r.keep else _DISSIMILAR
             ax.add_patch(
                 Rectangle(
                     (r.x0 / step, r.y0 / step), r.width / step, r.height / step,
@@ -71,10 +102,11 @@ def _slide_figure(slide: str, tiles: pd.DataFrame, layer_dir: Path, cfg: Config)
     for r in tiles.itertuples():
         if r.tissue_fraction >= cfg.tiles.min_tissue:
             grid[r.y0 // cfg.tiles.size, r.x0 // cfg.tiles.size] = r.ssim
+    axes[0].legend(handles=_tile_legend(cfg), loc="upper left", bbox_to_anchor=(0, -0.02),
+                   ncol=3, fontsize=8, frameon=False, handlelength=1.2)
     im = axes[2].imshow(grid, vmin=0, vmax=1, cmap="viridis")
     axes[2].set_title(f"tile SSIM (tissue tiles; keep >= {cfg.ssim.threshold})")
-    axes[2].set_xlabel("tile x")
-    axes[2].set_ylabel("tile y")
+    _tile_axes(axes[2])
     fig.colorbar(im, ax=axes[2], fraction=0.046)
     out = _png(fig)
     plt.close(fig)
@@ -90,7 +122,6 @@ def _ratio_maps(slide: str, tiles: pd.DataFrame, cfg: Config) -> str | None:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     size = cfg.tiles.size
     ny = int(np.ceil((tiles["y0"] + tiles["height"]).max() / size))
@@ -103,10 +134,7 @@ def _ratio_maps(slide: str, tiles: pd.DataFrame, cfg: Config) -> str | None:
         grid[iy, ix] = tiles[col].to_numpy(np.float64)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma")
         ax.set_title(f"{slide}: {col} (kept tiles)")
-        ax.set_xlabel("tile x")
-        ax.set_ylabel("tile y")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        _tile_axes(ax)
         fig.colorbar(im, ax=ax, fraction=0.046)
     out = _png(fig)
     plt.close(fig)
@@ -203,7 +231,7 @@ def write_report(
     ]
     if len(slides):
         parts.append("<h2>Slides</h2>")
-        parts.append(slides.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—"))
+        parts.append(slides.to_html(index=False, float_format=format_number, na_rep="—"))
     if len(failures):
         parts.append("<h2 class='fail'>Failures</h2>")
         parts.append(failures.to_html(index=False, classes="fail"))

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 import shutil
+import sys
 import threading
 import time
 import traceback
@@ -32,7 +34,7 @@ import pandas as pd
 
 from daskpath.config import Config
 from daskpath.errors import DaskpathError
-from daskpath.outputs import read_table, write_json, write_table
+from daskpath.outputs import read_table, round_floats, write_json, write_table
 from daskpath.publish import (
     SlideState,
     describe_changes,
@@ -97,32 +99,73 @@ class SlideOutcome:
     message: str = ""
 
 
-class _Progress:
-    """Slides and chunks progress (tqdm bars, or a callable ``(slide, done, total)``)."""
+#: Seconds between two progress lines when stderr is not a terminal (a log file, a pipe);
+#: the environment variable ``DASKPATH_PROGRESS_INTERVAL`` overrides it.
+PROGRESS_LOG_INTERVAL = 30.0
 
-    def __init__(self, progress: bool | Callable[[str, int, int], None], total: int):
+
+def _progress_interval() -> float:
+    try:
+        return float(os.environ.get("DASKPATH_PROGRESS_INTERVAL", PROGRESS_LOG_INTERVAL))
+    except ValueError:
+        return PROGRESS_LOG_INTERVAL
+
+
+def _interactive() -> bool:
+    """Whether progress bars can be drawn: stderr is a terminal, or a Jupyter kernel runs us
+    (tqdm.auto then draws a widget)."""
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
+    return "ipykernel" in sys.modules and "IPython" in sys.modules
+
+
+class _Progress:
+    """Slides and chunks progress.
+
+    ``progress=True``: tqdm bars on a terminal (or in a notebook); otherwise (a log file, a pipe,
+    a SLURM job's output) no control characters, and a log line at most every
+    :data:`PROGRESS_LOG_INTERVAL` seconds (``DASKPATH_PROGRESS_INTERVAL``): ``progress: 3 of 10
+    slide(s) done; 120 of the 480 chunk task(s) submitted so far finished``. A callable gets
+    ``(slide, done, total)`` as each slide finishes.
+    """
+
+    def __init__(self, progress: bool | Callable[[str, int, int], None], total: int,
+                 interactive: bool | None = None):
         self.cb = progress if callable(progress) else None
         self.total = total
         self.done = 0
+        self.chunks_total = 0
+        self.chunks_done = 0
         self.lock = threading.Lock()
         self.bars = None
+        self.lines = False
+        self._last = time.monotonic()
+        self.interval = _progress_interval()
         if progress is True:
-            from tqdm.auto import tqdm
+            if _interactive() if interactive is None else interactive:
+                from tqdm.auto import tqdm
 
-            self.bars = (
-                tqdm(total=total, unit="slide", desc="slides", position=0),
-                tqdm(total=0, unit="chunk", desc="chunks", position=1, leave=False),
-            )
+                self.bars = (
+                    tqdm(total=total, unit="slide", desc="slides", position=0),
+                    tqdm(total=0, unit="chunk", desc="chunks", position=1, leave=False),
+                )
+            else:
+                self.lines = True
 
     def chunks(self, submitted: int, finished: int) -> None:
-        if self.bars is None:
-            return
         with self.lock:
-            if submitted:
-                self.bars[1].total += submitted
-                self.bars[1].refresh()
-            if finished:
-                self.bars[1].update(finished)
+            self.chunks_total += submitted
+            self.chunks_done += finished
+            if self.bars is not None:
+                if submitted:
+                    self.bars[1].total += submitted
+                    self.bars[1].refresh()
+                if finished:
+                    self.bars[1].update(finished)
+            self._maybe_log()
 
     def slide(self, slide: str) -> None:
         with self.lock:
@@ -132,6 +175,18 @@ class _Progress:
                 self.bars[0].set_postfix_str(slide)
             elif self.cb is not None:
                 self.cb(slide, self.done, self.total)
+            self._maybe_log()
+
+    def _maybe_log(self) -> None:
+        """A progress line, if lines are wanted and the interval has passed (lock held)."""
+        if not self.lines:
+            return
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return
+        self._last = now
+        log.info("progress: %d of %d slide(s) done; %d of the %d chunk task(s) submitted so far "
+                 "finished", self.done, self.total, self.chunks_done, self.chunks_total)
 
     def close(self) -> None:
         if self.bars is not None:
@@ -148,7 +203,7 @@ class _LockedContext(SlideContext):
     def compute(self, tasks, **kw):  # type: ignore[override]
         c = self.counts.get(self.stage)
         if c is not None and c.done > self._announced.get(self.stage, 0):
-            log.info("slide %s: %s: resuming, %d of %d chunks done", self.slide, self.stage, c.done, c.total)
+            log.info("%s", _resume_line(self.slide, self.stage, c.done, c.total))
             self._announced[self.stage] = c.done
         self._lock.release()
         try:
@@ -157,9 +212,21 @@ class _LockedContext(SlideContext):
             self._lock.acquire()
 
 
-def _change_line(slide: str, recomputed: list[str], changes: list[str], first: bool, reused: list[str]) -> str:
+def _resume_line(slide: str, stage: str, done: int, total: int) -> str:
+    """What a stage that found chunk records of an earlier run is doing now."""
+    if done >= total:
+        return (f"slide {slide}: {stage}: resuming: all {total} chunks were computed by an earlier "
+                "run; loading them to finish the stage")
+    return (f"slide {slide}: {stage}: resuming: {done} of {total} chunks were computed by an "
+            f"earlier run; computing the other {total - done}")
+
+
+def _change_line(slide: str, recomputed: list[str], changes: list[str], first: bool,
+                 reused: list[str], overwrite: bool = False) -> str:
     if not recomputed:
         return f"slide {slide}: up to date ({', '.join(reused)} reused)"
+    if overwrite:
+        return f"slide {slide}: {', '.join(recomputed)} recomputed (overwrite: true)"
     if first:
         return f"slide {slide}: {', '.join(recomputed)} computed"
     causes = list(dict.fromkeys(changes))
@@ -254,7 +321,7 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
             if removed:
                 log.info("slide %s: stage %s not in this run: removed %s", slide, name, ", ".join(removed))
         prune_work(work_root, current_dirs)
-        res.message = _change_line(slide, recomputed, changes, first, reused)
+        res.message = _change_line(slide, recomputed, changes, first, reused, cfg.overwrite)
         log.info("%s", res.message)
     except Interrupted:
         raise
@@ -355,7 +422,7 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage
     tiles = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TILE_COLUMNS)
     slides = pd.DataFrame(rows)
     write_table(tiles, out / "tiles.parquet")
-    write_table(slides, out / "slides.csv")
+    write_table(round_floats(slides), out / "slides.csv")  # 6 significant digits: for people
     metrics = None
     mpath = out / "metrics.json"
     if "ratio_ihc" in tiles.columns:

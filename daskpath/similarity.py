@@ -19,7 +19,7 @@ faster on one core (OpenCV's SIMD Gaussian, float32).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dask.array as da
 import numpy as np
@@ -27,6 +27,9 @@ from scipy import ndimage as ndi
 
 from daskpath._halo import gaussian_radius, overlap_2d
 from daskpath.errors import InvalidInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
 
 __all__ = ["gray", "ssim_block", "ssim_map", "ssim_radius"]
 
@@ -186,17 +189,19 @@ def _ssim_rgb_block(he: np.ndarray, ihc: np.ndarray, sigma: float, work_dtype: t
 
 
 def ssim_map(
-    he: da.Array,
-    ihc: da.Array,
+    he: xr.DataArray | da.Array | np.ndarray,
+    ihc: xr.DataArray | da.Array | np.ndarray,
     sigma: float = 1.5,
     dtype: Literal["float32", "float64"] | type = "float32",
-) -> da.Array:
+) -> xr.DataArray | da.Array:
     """Lazy SSIM map between two RGB slides of the same shape.
 
     Parameters
     ----------
-    he, ihc : dask.array.Array, shape (y, x, 3), uint8
-        The two images, with identical chunks (``open_pair`` guarantees this).
+    he, ihc : xarray.DataArray, dask.array.Array or ndarray, shape (y, x, 3), uint8
+        The two images, e.g. ``ds.he, ds.ihc`` from :func:`daskpath.open_pair`; ``ihc`` is
+        read on ``he``'s chunks (``open_pair`` gives both the same). NumPy arrays are wrapped in
+        one dask chunk.
     sigma : float
         Gaussian window sigma (design default 1.5).
     dtype : {"float32", "float64"}
@@ -204,18 +209,31 @@ def ssim_map(
 
     Returns
     -------
-    dask.array.Array, shape (y, x), float
+    xarray.DataArray or dask.array.Array, shape (y, x), float
+        A DataArray named ``"ssim"`` when ``he`` is one, with its ``y``/``x`` (and
+        ``y_um``/``x_um``) coordinates and attrs (``mpp``, ...); otherwise a dask array.
         One task per chunk (read + gray + SSIM fused), halo ``depth = ssim_radius(sigma)``;
         chunked like ``he`` (a chunk thinner than the halo is merged into its neighbour).
+
+    Examples
+    --------
+    >>> ds = daskpath.open_pair("a_HE.tif", "a_IHC.tif")    # doctest: +SKIP
+    >>> s = ssim_map(ds.he, ds.ihc)                            # doctest: +SKIP
+    >>> s.sel(y=slice(0, 1023), x=slice(0, 1023)).mean()       # doctest: +SKIP
     """
-    if he.shape != ihc.shape:
-        raise InvalidInputError(f"ssim_map: shapes differ {he.shape} vs {ihc.shape}; register "
+    from daskpath._xr import as_dask, like
+
+    a, template = as_dask(he, "ssim_map: he")
+    b, _ = as_dask(ihc, "ssim_map: ihc")
+    if a.shape != b.shape:
+        raise InvalidInputError(f"ssim_map: shapes differ {a.shape} vs {b.shape}; register "
                                 "and crop the pair to a common size")
-    if he.ndim != 3 or he.shape[2] != 3:
-        raise InvalidInputError(f"ssim_map: expected (y, x, 3) RGB arrays, got shape {he.shape}")
+    if a.shape[2] != 3:
+        raise InvalidInputError(f"ssim_map: expected (y, x, 3) RGB arrays, got shape {a.shape}")
     if sigma <= 0:
         raise InvalidInputError(f"ssim_map: sigma must be > 0, got {sigma} (design: 1.5)")
     np_dtype = np.dtype(dtype).type
     # ihc takes he's chunks; the channel axis is one chunk, the halo runs over (y, x) only
-    return overlap_2d(_ssim_rgb_block, he, ihc, depth=ssim_radius(sigma), dtype=np_dtype,
-                      drop_axis=2, sigma=sigma, work_dtype=np_dtype)
+    out = overlap_2d(_ssim_rgb_block, a, b, depth=ssim_radius(sigma), dtype=np_dtype,
+                     drop_axis=2, sigma=sigma, work_dtype=np_dtype)
+    return like(out, template, "ssim")

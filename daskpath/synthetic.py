@@ -30,7 +30,7 @@ global order (cells of the four parity classes of ``(cell_y % 2, cell_x % 2)`` d
 nuclei of one class can never touch).
 
 Files written by :func:`make_pair` (``layout="tiled"``)
-------------------------------------------------------
+-------------------------------------------------------
 ``<slide>_HE.tif``, ``<slide>_IHC.tif``
     Pyramidal tiled TIFF (levels /2, /4, ... as SubIFDs until the smallest is under 1024 px),
     JPEG (quality 90, RGB photometric, no chroma subsampling), resolution tags in pixels per
@@ -48,9 +48,12 @@ Files written by :func:`make_pair` (``layout="tiled"``)
 ``layout="png"`` writes flat RGB PNGs (``<slide>_HE.png``), streamed row band by row band with
 our own minimal PNG writer (zlib level 1, "Sub" filter), so memory stays bounded at any size.
 ``layout="stripped"`` writes flat stripped TIFFs (64 rows per strip, deflate), also streamed.
+``layout="zarr"`` writes OME-NGFF 0.5 images (``<slide>_HE.ome.zarr``, :mod:`daskpath.ome`:
+axes ``c, y, x`` in micrometres, chunks of ``tile_size``, pyramid until the largest side is at
+most 1024 px), the layout :func:`daskpath.io.ingest` produces.
 
 Memory and speed (2-core CI machine, Python 3.11, numpy 2.4)
------------------------------------------------------------
+------------------------------------------------------------
 Rows of ``chunk`` pixels are rendered in 1024 px blocks on a small thread pool (at most
 ``2 * workers`` blocks in flight), written and dropped; pyramid levels are downsampled from each
 band and spooled to a temporary raw file, so peak memory is about ``chunk * width * 3`` bytes plus
@@ -107,7 +110,7 @@ DEFAULT_OFFSET: tuple[int, int] = (1, -1)
 # of 2 px already drops them to ~0.3 (fine structure decorrelates fast), 6 px to ~0.24.
 
 Stain = Literal["he", "ihc"]
-Layout = Literal["tiled", "png", "stripped"]
+Layout = Literal["tiled", "png", "stripped", "zarr"]
 PositiveField = float | Callable[[np.ndarray, np.ndarray], np.ndarray] | None
 
 #: Eosin vector used to render the H&E: pinker than skimage's (which renders magenta); the
@@ -930,6 +933,28 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
 
+def _write_zarr(path: Path, bands: Iterator[tuple[int, np.ndarray]], g: _Geometry, tile: int,
+                name: str) -> None:
+    """OME-NGFF 0.5 RGB image (:mod:`daskpath.ome`): bands into level 0, then the pyramid."""
+    from daskpath import ome
+
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        ome.create_image(tmp, (g.height, g.width), kind="rgb", chunks=(tile, tile), mpp=g.mpp,
+                         fill_value=255, name=name, attrs={"software": "daskpath.synthetic"})
+        for y0, band in bands:
+            ome.write_region(tmp, y0, 0, band, channel_last=True)
+        ome.build_pyramid(tmp, compute=False).compute(scheduler="threads")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def _write_png(path: Path, bands: Iterator[tuple[int, np.ndarray]], g: _Geometry) -> None:
     """Streamed RGB PNG: filter "Sub" on every row, zlib level 1, one IDAT per band."""
     tmp = path.with_name(path.name + ".tmp")
@@ -1016,9 +1041,10 @@ def make_pair(
         ``(height, width)`` in pixels (both sections have the same size).
     seed : int
         Random seed; the same seed gives identical pixels and truth.
-    layout : {"tiled", "png", "stripped"}
+    layout : {"tiled", "png", "stripped", "zarr"}
         ``tiled``: pyramidal tiled JPEG TIFF (``.tif``); ``png``: flat RGB PNG (``.png``, the
-        reference cohort's layout); ``stripped``: flat untiled deflate TIFF (``.tif``).
+        reference cohort's layout); ``stripped``: flat untiled deflate TIFF (``.tif``);
+        ``zarr``: OME-NGFF 0.5 image (``.ome.zarr``, lossless, chunks of ``tile_size``).
     tile_size : int
         TIFF tile edge for ``tiled`` (multiple of 16).
     mpp : float
@@ -1042,9 +1068,9 @@ def make_pair(
     import zarr
 
     slide = _check_slide_id(slide)
-    if layout not in ("tiled", "png", "stripped"):
+    if layout not in ("tiled", "png", "stripped", "zarr"):
         raise InvalidInputError(
-            f"synthetic: layout={layout!r} is unknown; use 'tiled', 'png' or 'stripped'"
+            f"synthetic: layout={layout!r} is unknown; use 'tiled', 'png', 'stripped' or 'zarr'"
         )
     if not isinstance(tile_size, int) or tile_size < 16 or tile_size % 16:
         raise InvalidInputError(f"synthetic: tile_size={tile_size!r} must be a multiple of 16")
@@ -1062,7 +1088,7 @@ def make_pair(
     pf = _positive_field(positive_field)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ext = ".png" if layout == "png" else ".tif"
+    ext = {"png": ".png", "zarr": ".ome.zarr"}.get(layout, ".tif")
     he_path = out / f"{slide}_HE{ext}"
     ihc_path = out / f"{slide}_IHC{ext}"
     pq_path = out / f"{slide}_truth.parquet"
@@ -1096,6 +1122,8 @@ def make_pair(
                 _write_tiled(path, bands, g, tile_size, quality)
             elif layout == "png":
                 _write_png(path, bands, g)
+            elif layout == "zarr":
+                _write_zarr(path, bands, g, tile_size, f"{slide} {stain.upper()}")
             else:
                 _write_stripped(path, bands, g)
 

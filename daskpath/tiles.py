@@ -1,15 +1,22 @@
-"""Tile grid and per-tile reductions of chunked per-pixel maps.
+"""Tile grid, the tile table of a slide pair, and per-tile reductions of chunked per-pixel maps.
 
 A slide of shape (H, W) is cut into tiles of ``size`` px from the origin; edge tiles are kept
 with their true (smaller) height/width. Per-tile statistics are computed without moving pixels:
 every chunk of the per-pixel maps reduces itself to partial sums on the tile grid (one small task
 output per chunk, whatever the chunk/tile alignment), and the partial sums are added in a tree.
 Means are therefore exact (float64 sums) and independent of ``chunk_size``.
+
+:func:`tile_table` is the pipeline's tile table (``tiles.parquet``) of one pair from Python: it
+runs the preprocess stage's own per-chunk kernel (``daskpath.stages.preprocess``), so it equals
+the pipeline's table on the same pair and chunking.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
@@ -17,7 +24,13 @@ import pandas as pd
 
 from daskpath.errors import InvalidInputError
 
-__all__ = ["chunk_tile_sums", "tile_grid", "tile_sums", "tile_means"]
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+    from dask.delayed import Delayed
+
+    from daskpath.config import Config
+
+__all__ = ["chunk_tile_sums", "tile_grid", "tile_means", "tile_sums", "tile_table"]
 
 
 def tile_grid(shape: tuple[int, int], size: int) -> pd.DataFrame:
@@ -147,3 +160,220 @@ def tile_means(maps: Sequence[da.Array], size: int) -> da.Array:
     ww = np.minimum(size, w - np.arange(0, w, size))
     area = (hh[:, None] * ww[None, :]).astype(np.float64)
     return sums / area[:, :, None]
+
+
+# --------------------------------------------------------------------------------------------
+# the tile table of a pair (the pipeline's preprocess kernel, from Python)
+# --------------------------------------------------------------------------------------------
+def tile_table(
+    pair: xr.Dataset | tuple[Any, Any],
+    size: int | None = None,
+    min_tissue: float | None = None,
+    ssim_threshold: float | None = None,
+    *,
+    slide: str | None = None,
+    config: Config | None = None,
+    compute: bool = True,
+) -> pd.DataFrame | Delayed:
+    """The tile table of an H&E / IHC pair: the pipeline's ``tiles.parquet`` rows for it.
+
+    Runs the preprocess stage's own per-chunk kernel
+    (:func:`daskpath.stages.preprocess.preprocess_chunk`: tissue masks and SSIM map on the chunk
+    plus its halo, reduced to per-tile sums; then ``tiles_from_sums`` and its keep rule), one
+    task per chunk of ``pair``. On a pair opened with :func:`daskpath.open_pair` at the run's
+    ``chunk_size`` the table equals the pipeline's, value for value; other chunkings agree to
+    float rounding (~1e-7). Nothing is written.
+
+    Parameters
+    ----------
+    pair : xarray.Dataset or (he, ihc)
+        What :func:`daskpath.open_pair` returns (variables ``he``, ``ihc``), or two ``(y, x, 3)``
+        uint8 arrays (DataArray, dask or NumPy) of one shape. Slides opened by daskpath are read
+        through their picklable readers (one read per chunk, halo included, as in the pipeline);
+        other arrays through dask, their chunks aligned so each is at least the halo.
+    size : int, optional
+        Tile side in px (``tiles.size``; default 1024).
+    min_tissue : float, optional
+        Minimum tissue fraction of a kept tile, in both sections (``tiles.min_tissue``; 0.5).
+    ssim_threshold : float, optional
+        Minimum mean SSIM of a kept tile (``ssim.threshold``; 0.4).
+    slide : str, optional
+        The ``slide`` column. Default: the H&E file's stem (the pipeline uses the manifest id).
+    config : Config, optional
+        Takes every other setting from it (``tissue.threshold``, ``tissue.sigma``,
+        ``ssim.sigma``, ``ssim.dtype``, and the three above unless given); default
+        :func:`daskpath.load_config`'s defaults. Values are validated as a run's are.
+    compute : bool
+        ``False``: return a :class:`dask.delayed.Delayed` of the table (compute it, or submit it
+        to a ``distributed.Client``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per tile, row-major: ``slide, y0, x0, height, width, tissue_fraction,
+        tissue_fraction_he, tissue_fraction_ihc, ssim, keep`` (the columns of ``tiles.parquet``
+        before the model stages add theirs). ``tiles[tiles.keep]`` is what the model stages
+        segment, and what :func:`daskpath.measure_nuclei` takes as ``region``.
+
+    Raises
+    ------
+    InvalidInputError
+        Not a pair of equal-shape ``(y, x, 3)`` uint8 images.
+    ConfigError
+        A setting out of range (a ``ValueError`` too), named by its config key.
+
+    Examples
+    --------
+    >>> ds = daskpath.open_pair("a_HE.tif", "a_IHC.tif")           # doctest: +SKIP
+    >>> tiles = daskpath.tile_table(ds, size=1024, slide="a")       # doctest: +SKIP
+    >>> tiles[tiles.keep]                                           # doctest: +SKIP
+    """
+    import dask
+
+    from daskpath._halo import align_chunks
+    from daskpath.resume import chunk_grid
+    from daskpath.similarity import ssim_radius
+    from daskpath.stages.preprocess import combine_sums, preprocess_chunk
+    from daskpath.tissue import tissue_radius
+
+    cfg = _table_config(config, size, min_tissue, ssim_threshold)
+    he, ihc = _pair_arrays(pair)
+    shape = (int(he.shape[0]), int(he.shape[1]))
+    if slide is None:
+        path = he.attrs.get("path") if hasattr(he, "attrs") else None
+        slide = Path(str(path)).stem if path else "slide"
+    kw = {"shape": shape, "tile": cfg.tiles.size, "tissue_threshold": cfg.tissue.threshold,
+          "tissue_sigma": cfg.tissue.sigma, "ssim_sigma": cfg.ssim.sigma,
+          "ssim_dtype": cfg.ssim.dtype, "layers": None, "factor": 0, "step": 1}
+    srcs = _readers(he, ihc)
+    parts = []
+    if srcs is not None:  # the pipeline's way: each task reads its chunk + halo itself
+        for _, _, y0, y1, x0, x1 in chunk_grid(he.data.chunks[:2]):
+            parts.append(dask.delayed(preprocess_chunk, pure=True)(
+                loc=(y0, y1, x0, x1), he_src=srcs[0], ihc_src=srcs[1], **kw))
+    else:  # any arrays: dask brings each chunk its halo (every chunk at least the halo)
+        a = he.data if hasattr(he, "attrs") else he
+        b = ihc.data if hasattr(ihc, "attrs") else ihc
+        d = max(ssim_radius(cfg.ssim.sigma),
+                tissue_radius(cfg.tissue.sigma) if cfg.tissue.sigma > 0 else 0)
+        cy = align_chunks(a.chunks[0], min_size=d)
+        cx = align_chunks(a.chunks[1], min_size=d)
+        dy, dx = (d if len(cy) > 1 else 0), (d if len(cx) > 1 else 0)
+        blocks = []
+        for arr in (a, b):
+            arr = arr.rechunk((cy, cx, -1))
+            if dy or dx:
+                arr = da.overlap.overlap(arr, depth={0: dy, 1: dx, 2: 0}, boundary="none",
+                                         allow_rechunk=False)
+            blocks.append(arr.to_delayed())
+        for iy, ix, y0, y1, x0, x1 in chunk_grid((cy, cx)):
+            origin = (max(0, y0 - dy), max(0, x0 - dx))
+            parts.append(dask.delayed(_chunk_of_blocks, pure=True)(
+                blocks[0][iy, ix, 0], blocks[1][iy, ix, 0], origin=origin,
+                loc=(y0, y1, x0, x1), **kw))
+    n_ty, n_tx = -(-shape[0] // cfg.tiles.size), -(-shape[1] // cfg.tiles.size)
+    sums = dask.delayed(combine_sums, pure=True)(parts, n_ty, n_tx, 3)
+    table = dask.delayed(partial(_table_from_sums, cfg=cfg), pure=True)(str(slide), shape, sums)
+    return table.compute() if compute else table
+
+
+def _table_from_sums(slide: str, shape: tuple[int, int], sums: np.ndarray, *, cfg: Config
+                     ) -> pd.DataFrame:
+    from daskpath.stages.preprocess import tiles_from_sums
+
+    return tiles_from_sums(slide, shape, sums, cfg)
+
+
+def _table_config(config: Config | None, size: Any, min_tissue: Any, ssim_threshold: Any) -> Config:
+    """``config`` (or the defaults) with the given keys replaced, validated like a run's."""
+    from daskpath.config import Config, load_config
+
+    if config is not None and not isinstance(config, Config):
+        raise InvalidInputError(f"tile_table: config must be a daskpath Config (from "
+                                f"daskpath.load_config), got {type(config).__name__}")
+    over: dict[str, Any] = config.to_dict() if config is not None else {}
+    tiles = dict(over.get("tiles", {}))
+    ssim = dict(over.get("ssim", {}))
+    if size is not None:
+        tiles["size"] = size
+    if min_tissue is not None:
+        tiles["min_tissue"] = min_tissue
+    if ssim_threshold is not None:
+        ssim["threshold"] = ssim_threshold
+    if tiles:
+        over["tiles"] = tiles
+    if ssim:
+        over["ssim"] = ssim
+    return load_config(None, over)
+
+
+def _pair_arrays(pair: Any) -> tuple[Any, Any]:
+    """``(he, ihc)`` of a Dataset or a 2-tuple, checked: equal (y, x, 3) uint8 shapes."""
+    import sys
+
+    xr = sys.modules.get("xarray")
+    if xr is not None and isinstance(pair, xr.Dataset):
+        missing = [v for v in ("he", "ihc") if v not in pair.data_vars]
+        if missing:
+            raise InvalidInputError(f"tile_table: the Dataset has no variable(s) "
+                                    f"{', '.join(missing)} (has {', '.join(map(str, pair.data_vars))}); "
+                                    "open it with daskpath.open_pair")
+        he, ihc = pair["he"], pair["ihc"]
+    elif isinstance(pair, tuple | list) and len(pair) == 2:
+        he, ihc = pair
+    else:
+        raise InvalidInputError(f"tile_table: expected the Dataset of daskpath.open_pair or an "
+                                f"(he, ihc) pair of arrays, got {type(pair).__name__}")
+    out = []
+    for name, a in (("he", he), ("ihc", ihc)):
+        if xr is not None and isinstance(a, xr.DataArray):
+            if not isinstance(a.data, da.Array):
+                a = a.copy(data=da.asarray(a.data))
+        elif not isinstance(a, da.Array):
+            a = da.asarray(a)
+        if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+            raise InvalidInputError(f"tile_table: {name} must be (y, x, 3) uint8 RGB, got "
+                                    f"{tuple(a.shape)} {a.dtype}")
+        out.append(a)
+    if out[0].shape != out[1].shape:
+        raise InvalidInputError(f"tile_table: he is {tuple(out[0].shape)} but ihc is "
+                                f"{tuple(out[1].shape)}: register and crop the pair to a common size")
+    return out[0], out[1]
+
+
+def _readers(he: Any, ihc: Any) -> tuple[Any, Any] | None:
+    """The slides' picklable region readers, or None when either is not an opened slide."""
+    from daskpath.io import region_source
+
+    if not (hasattr(he, "encoding") and hasattr(ihc, "encoding")):
+        return None
+    try:
+        return region_source(he), region_source(ihc)
+    except InvalidInputError:
+        return None
+
+
+class _Block:
+    """A region reader over one halo'd block held in memory: ``src[ys, xs]`` in slide pixels."""
+
+    def __init__(self, block: np.ndarray, origin: tuple[int, int]) -> None:
+        self.block, self.origin = block, origin
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        ys, xs = key
+        oy, ox = self.origin
+        h, w = self.block.shape[:2]
+        y0, y1, x0, x1 = ys.start - oy, ys.stop - oy, xs.start - ox, xs.stop - ox
+        if y0 < 0 or x0 < 0 or y1 > h or x1 > w:  # pragma: no cover - guards the halo rule
+            raise RuntimeError(f"tile_table: region {key} is outside the block at {self.origin} "
+                               f"of shape {(h, w)}")
+        return self.block[y0:y1, x0:x1]
+
+
+def _chunk_of_blocks(he: np.ndarray, ihc: np.ndarray, *, origin: tuple[int, int],
+                     **kw: Any) -> dict[str, np.ndarray]:
+    """The preprocess kernel on blocks that dask brought with their halo."""
+    from daskpath.stages.preprocess import preprocess_chunk
+
+    return preprocess_chunk(he_src=_Block(np.asarray(he), origin),
+                            ihc_src=_Block(np.asarray(ihc), origin), **kw)

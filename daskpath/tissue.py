@@ -24,12 +24,17 @@ chunked mask equals :func:`tissue_block` on the whole image.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dask.array as da
 import numpy as np
 
 from daskpath._halo import gaussian_radius, overlap_2d
 from daskpath.errors import InvalidInputError
 from daskpath.similarity import gaussian_blur
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
 
 __all__ = ["DEFAULT_SIGMA", "DEFAULT_THRESHOLD", "tissue_block", "tissue_mask", "tissue_radius"]
 
@@ -78,14 +83,17 @@ def tissue_block(
 
 
 def tissue_mask(
-    rgb: da.Array, threshold: float = DEFAULT_THRESHOLD, sigma: float = DEFAULT_SIGMA
-) -> da.Array:
+    rgb: xr.DataArray | da.Array | np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+    sigma: float = DEFAULT_SIGMA,
+) -> xr.DataArray | da.Array:
     """Lazy tissue mask of an RGB slide.
 
     Parameters
     ----------
-    rgb : dask.array.Array, shape (y, x, 3), uint8
-        Slide pixels (channel axis in one chunk).
+    rgb : xarray.DataArray, dask.array.Array or ndarray, shape (y, x, 3), uint8
+        Slide pixels, e.g. ``ds.he`` from :func:`daskpath.open_pair` (channel axis last, in
+        one chunk). A NumPy array is wrapped in one dask chunk.
     threshold : float
         Smoothed max-channel optical density above which a pixel is tissue.
     sigma : float
@@ -93,20 +101,32 @@ def tissue_mask(
 
     Returns
     -------
-    dask.array.Array of bool, shape (y, x)
+    xarray.DataArray or dask.array.Array of bool, shape (y, x)
+        A DataArray named ``"tissue"`` when ``rgb`` is one, with its ``y``/``x`` (and
+        ``y_um``/``x_um``) coordinates and its attrs (``mpp``, ...); otherwise a dask array.
         Chunked like ``rgb``'s first two axes (a chunk thinner than the halo is merged into its
         neighbour).
+
+    Examples
+    --------
+    >>> ds = daskpath.open_pair("a_HE.tif", "a_IHC.tif")  # doctest: +SKIP
+    >>> mask = tissue_mask(ds.he)                           # doctest: +SKIP
+    >>> float(mask.mean())                                  # doctest: +SKIP
     """
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise InvalidInputError(f"tissue_mask: expected (y, x, 3) RGB, got shape {rgb.shape}; "
+    from daskpath._xr import as_dask, like
+
+    arr, template = as_dask(rgb, "tissue_mask: rgb")
+    if arr.shape[2] != 3:
+        raise InvalidInputError(f"tissue_mask: expected (y, x, 3) RGB, got shape {arr.shape}; "
                                 "drop alpha or stack gray into 3 channels")
-    if rgb.dtype != np.uint8:
+    if arr.dtype != np.uint8:
         raise InvalidInputError(
-            f"tissue_mask: expected uint8 RGB, got {rgb.dtype}; convert to uint8")
+            f"tissue_mask: expected uint8 RGB, got {arr.dtype}; convert to uint8")
     if not 0 < threshold < 3:
         raise InvalidInputError(f"tissue_mask: threshold is an optical density in (0, 3), got "
                                 f"{threshold}; the default is {DEFAULT_THRESHOLD}")
     if sigma < 0:
         raise InvalidInputError(f"tissue_mask: sigma must be >= 0 px, got {sigma}")
-    return overlap_2d(tissue_block, rgb, depth=tissue_radius(sigma) if sigma > 0 else 0,
+    mask = overlap_2d(tissue_block, arr, depth=tissue_radius(sigma) if sigma > 0 else 0,
                       dtype=np.bool_, drop_axis=2, threshold=threshold, sigma=sigma)
+    return like(mask, template, "tissue")

@@ -213,14 +213,13 @@ def train(
 
     check_folder(out_dir, force=force)  # before any work: a user's folder is never replaced
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from daskpath.nuclei import _configure_tensorflow
+
+    _configure_tensorflow()  # quiet TF's import chatter, thread cap
     import tensorflow as tf
     from stardist.matching import matching_dataset
     from stardist.models import Config2D, StarDist2D
 
-    from daskpath.nuclei import _configure_tensorflow
-
-    _configure_tensorflow()
     np.random.seed(seed)
     tf.random.set_seed(seed)
     try:

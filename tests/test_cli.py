@@ -10,7 +10,7 @@ from daskpath.cli import main
 
 def test_help_for_every_command(capsys):
     for cmd in ([], ["synth"], ["ingest"], ["run"], ["demo"], ["info"], ["config"], ["train"],
-                ["train", "stardist", "--"], ["train", "translator", "--"]):
+                ["cluster"], ["train", "stardist", "--"], ["train", "translator", "--"]):
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
         assert e.value.code == 0
@@ -26,8 +26,10 @@ def test_synth_then_run(tmp_path, capsys):
         f"slides: {manifest}\noutput_dir: {tmp_path / 'o'}\nstages: [preprocess]\n"
         "cluster:\n  n_workers: 1\n  threads_per_worker: 2\n  dashboard_address: '127.0.0.1:0'\n"
     )
-    assert main(["-q", "run", str(cfg), "--no-progress", "--set", "tiles.size=512"]) == 0
-    out = capsys.readouterr().out
+    assert main(["run", str(cfg), "--no-progress", "--set", "tiles.size=512", "-q"]) == 0
+    cap = capsys.readouterr()
+    out = cap.out
+    assert "slide synth000" not in cap.err and "local cluster" not in cap.err  # -q: no info lines
     assert "tiles_kept" in out
     assert "report: " in out and "report.html" in out
     tiles = pd.read_parquet(tmp_path / "o" / "tiles.parquet")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from daskpath import nuclei
+from daskpath import nuclei, ome
 from daskpath.errors import InvalidInputError, ModelError
 
 HAVE_STARDIST = importlib.util.find_spec("stardist") is not None and (
@@ -60,12 +60,10 @@ def tiles():
 @pytest.fixture(scope="session")
 def measured(phantom, tmp_path_factory):
     """The nucleus method on the whole phantom; labels written to zarr in the same pass."""
-    import zarr
-
     rgb = da.from_array(phantom["rgb"], chunks=(512, 512, 3))
     store = str(tmp_path_factory.mktemp("labels") / "labels.zarr")
     df = nuclei.measure_nuclei(rgb, "phantom", method="nucleus", labels_store=store)
-    return df, np.asarray(zarr.open_array(store, mode="r")[:])
+    return df, ome.read_image(store)  # level 0 of the NGFF label image
 
 
 @pytest.fixture(scope="session")
@@ -149,13 +147,13 @@ class TestAccuracy:
     def test_region_gives_the_same_nuclei_as_the_whole_slide(self, phantom, measured, tmp_path):
         """Segmenting only the chunks that meet two tiles finds, in those tiles, exactly the
         nuclei (ids, areas, DAB) of the whole-slide run, and runs StarDist on nothing else."""
-        import zarr
-
         full, _ = measured
         rects = [(512, 1024, 512, 1024), (1024, 1536, 1536, 2048)]  # (y0, y1, x0, x1)
         rgb = da.from_array(phantom["rgb"], chunks=(512, 512, 3))
         store = str(tmp_path / "labels.zarr")
-        part = nuclei.measure_nuclei(rgb, "phantom", region=rects, labels_store=store)
+        tiles = pd.DataFrame([(y0, x0, y1 - y0, x1 - x0) for y0, y1, x0, x1 in rects],
+                             columns=["y0", "x0", "height", "width"])  # a tile table
+        part = nuclei.measure_nuclei(rgb, "phantom", region=tiles, labels_store=store)
 
         def inside(df):
             m = np.zeros(len(df), bool)
@@ -169,7 +167,7 @@ class TestAccuracy:
                                       want[["id", "y", "x", "area", "dab_od", "positive"]])
         # nothing outside the two (512-px) chunks: no nuclei, zero labels
         assert len(part) == len(got)
-        lab = np.asarray(zarr.open_array(store, mode="r")[:])
+        lab = ome.read_image(store)
         outside = np.ones(lab.shape, bool)
         for y0, y1, x0, x1 in rects:
             outside[y0:y1, x0:x1] = False
@@ -201,8 +199,6 @@ class TestAccuracy:
         assert not list(tmp_path.glob(".*partial*"))
 
     def test_auto_threshold_macenko_and_label_store(self, phantom, measured, tmp_path):
-        import zarr
-
         df_all, _ = measured
         rgb = da.from_array(phantom["rgb"][:1024, 1024:], chunks=(512, 512, 3))
         store = str(tmp_path / "labels.zarr")
@@ -218,9 +214,11 @@ class TestAccuracy:
         ref = df_all[(df_all["y"] < 1024 - 20) & (df_all["x"] >= 1024 + 20)]
         sub = df[(df["y"] < 1024 - 20) & (df["x"] >= 20)]
         assert abs(sub["positive"].mean() - ref["positive"].mean()) < 0.02
-        lab = np.asarray(zarr.open_array(store, mode="r")[:])
+        lab = ome.read_image(store)
         assert lab.dtype == np.int32 and lab.shape == (1024, 1024)
         assert set(np.unique(lab)) - {0} == set(df["id"])
+        info = ome.describe(store)  # a standalone OME-NGFF label image (pyramid: later)
+        assert info["kind"] == "label image" and [a[0] for a in info["axes"]] == ["y", "x"]
 
 
 # ---------------------------------------------------------------------------------------------

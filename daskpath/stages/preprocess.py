@@ -7,6 +7,11 @@ SSIM map with the same block kernels as the public :func:`daskpath.tissue.tissue
 region of the downsampled layers. Each finished chunk is recorded in the stage's work folder,
 so an interrupted run resumes chunk by chunk.
 
+The layers are OME-NGFF 0.5 images (:mod:`daskpath.ome`): ``layers/<slide>.zarr`` holds the
+channels ``tissue_he, tissue_ihc, ssim`` (axes ``c, y, x``, 1/``layers.downsample``
+resolution, micrometre scale) and ``layers/<slide>.zarr/thumbnails/{he,ihc}`` the RGB
+thumbnails. Chunk tasks write level 0; the pyramids are built once level 0 is complete.
+
 The keep rule (``tiles.min_tissue``, ``ssim.threshold``) is applied when the tables are
 assembled, so changing a threshold recomputes nothing here.
 """
@@ -50,6 +55,9 @@ TILE_COLUMNS = [
 
 THUMBNAIL_SIDE = 1024
 """Longest side (px) of the RGB thumbnails stored with the layers (for the report)."""
+
+LAYER_CHANNELS = ("tissue_he", "tissue_ihc", "ssim")
+"""Channels of the layers image ``layers/<slide>.zarr`` (NGFF ``c`` axis, in this order)."""
 
 
 def keep_mask(tissue_fraction, ssim, cfg):
@@ -134,28 +142,33 @@ def preprocess_chunk(
 
 
 def _write_layers(layers: str, loc, factor: int, step: int, t_he, t_ihc, ssim, he, ihc) -> None:
-    """Write one chunk's region of the downsampled layers and thumbnails (one zarr chunk each)."""
-    import zarr
+    """Write one chunk's region of level 0 of the layers image (the three channels at once)
+    and of the two thumbnails: one zarr chunk of each, owned by this chunk task."""
+    from daskpath import ome
 
     y0, y1, x0, x1 = loc
-    root = zarr.open_group(layers, mode="r+")
     if factor and y0 % factor == 0 and x0 % factor == 0:
+        arr = ome.open_level(layers, 0, mode="r+")  # (3, h, w) float32
         h, w = (y1 - y0) // factor, (x1 - x0) // factor
-        for name, m in (("tissue_he", t_he), ("tissue_ihc", t_ihc), ("ssim", ssim)):
-            arr = root[name]
-            hh = min(h, arr.shape[0] - y0 // factor)
-            ww = min(w, arr.shape[1] - x0 // factor)
-            if hh <= 0 or ww <= 0:
-                continue
-            m = m[: hh * factor, : ww * factor].astype(np.float32)
-            small = m.reshape(hh, factor, ww, factor).mean(axis=(1, 3))
-            arr[y0 // factor : y0 // factor + hh, x0 // factor : x0 // factor + ww] = small
-    for name, rgb in (("thumbnail_he", he), ("thumbnail_ihc", ihc)):
+        hh = min(h, arr.shape[1] - y0 // factor)
+        ww = min(w, arr.shape[2] - x0 // factor)
+        if hh > 0 and ww > 0:
+            small = np.stack([
+                m[: hh * factor, : ww * factor].astype(np.float32)
+                .reshape(hh, factor, ww, factor).mean(axis=(1, 3))
+                for m in (t_he, t_ihc, ssim)])
+            arr[:, y0 // factor : y0 // factor + hh, x0 // factor : x0 // factor + ww] = small
+    for name, rgb in (("he", he), ("ihc", ihc)):
         oy, ox = (-y0) % step, (-x0) % step
         small = rgb[oy::step, ox::step]
         ty0, tx0 = -(-y0 // step), -(-x0 // step)
         if small.size:
-            root[name][ty0 : ty0 + small.shape[0], tx0 : tx0 + small.shape[1]] = small
+            ome.write_region(f"{layers}/thumbnails/{name}", ty0, tx0, small, channel_last=True)
+
+
+def layer_images(layers: Path) -> list[Path]:
+    """The NGFF images of a layers folder: the layers image and its two thumbnails."""
+    return [Path(layers), Path(layers) / "thumbnails" / "he", Path(layers) / "thumbnails" / "ihc"]
 
 
 def combine_sums(parts: list[dict[str, np.ndarray]], n_ty: int, n_tx: int, k: int) -> np.ndarray:
@@ -173,41 +186,45 @@ def _tile_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
 
 
 def _create_layers(path: Path, shape, chunks, factor: int, step: int, slide: str, mpp) -> None:
-    """Empty layer arrays whose zarr chunks are the slide chunks / factor (one writer each)."""
+    """Create the layers of a slide as OME-NGFF 0.5 images (see :mod:`daskpath.ome`).
+
+    ``path`` (``layers/<slide>.zarr`` once published) is a float32 image with channels
+    :data:`LAYER_CHANNELS` (``c, y, x``) at ``1/factor`` resolution (scale ``mpp * factor``
+    um), and ``path/thumbnails/he`` / ``path/thumbnails/ihc`` are RGB images subsampled by
+    ``step`` (scale ``mpp * step``), each openable on its own. Level-0 zarr chunks are the slide
+    chunks divided by ``factor`` / ``step``, so each chunk task owns whole chunks; the pyramid
+    levels are filled after level 0 (:func:`daskpath.ome.build_pyramid`). Never-written
+    pixels are NaN (layers) and white (thumbnails).
+    """
     import zarr
+
+    from daskpath import ome
 
     tmp = path.with_name(path.name + ".creating")
     if tmp.exists():
         shutil.rmtree(tmp)
-    root = zarr.open_group(str(tmp), mode="w")
     cy, cx = max(chunks[0]), max(chunks[1])
     h, w = shape[0] // factor, shape[1] // factor
-    for name in ("tissue_he", "tissue_ihc", "ssim"):
-        root.create_array(
-            name,
-            shape=(h, w),
-            chunks=(max(1, cy // factor), max(1, cx // factor)),
-            dtype=np.float32,
-            fill_value=np.nan,
-        )
-    th, tw = -(-shape[0] // step), -(-shape[1] // step)
-    for name in ("thumbnail_he", "thumbnail_ihc"):
-        root.create_array(
-            name,
-            shape=(th, tw, 3),
-            chunks=(max(1, cy // step), max(1, cx // step), 3),
-            dtype=np.uint8,
-            fill_value=255,
-        )
-    root.attrs.update(
-        {
-            "slide": slide,
-            "downsample": factor,
-            "thumbnail_step": step,
-            "mpp": mpp,
-            "layers": ["tissue_he", "tissue_ihc", "ssim"],
-        }
+    mpp = float(mpp) if mpp else None
+    ome.create_image(
+        tmp, (h, w), kind="float", channels=LAYER_CHANNELS,
+        chunks=(max(1, cy // factor), max(1, cx // factor)),
+        mpp=mpp * factor if mpp else None, name=slide, fill_value=np.nan,
+        colors=("FF00FF", "FFA500", "00FF00"),
+        windows=((0.0, 1.0), (0.0, 1.0), (-1.0, 1.0, 0.0, 1.0)),  # SSIM: range -1..1, shown 0..1
+        attrs={"slide": slide, "downsample": factor, "thumbnail_step": step,
+               "slide_mpp": mpp, "layers": list(LAYER_CHANNELS),
+               "thumbnails": ["thumbnails/he", "thumbnails/ihc"]},
     )
+    zarr.open_group(str(tmp / "thumbnails"), mode="w", zarr_format=3)
+    th, tw = -(-shape[0] // step), -(-shape[1] // step)
+    for name in ("he", "ihc"):
+        ome.create_image(
+            tmp / "thumbnails" / name, (th, tw), kind="rgb",
+            chunks=(max(1, cy // step), max(1, cx // step)),
+            mpp=mpp * step if mpp else None, name=f"{slide} {name.upper()} thumbnail",
+            fill_value=255, attrs={"slide": slide, "thumbnail_step": step, "slide_mpp": mpp},
+        )
     os.replace(tmp, path)
 
 
@@ -254,12 +271,15 @@ def summarize_slide(tiles: pd.DataFrame, cfg, mpp: float | None) -> dict:
         "tiles_kept": len(kept),
         "mean_ssim_tissue": float(tissue_tiles["ssim"].mean()) if len(tissue_tiles) else np.nan,
         "mean_ssim_kept": float(kept["ssim"].mean()) if len(kept) else np.nan,
-        "tissue_area_px": area_px,
+        "tissue_area_px": int(round(area_px)),
         "tissue_area_mm2": area_px * (mpp / 1000.0) ** 2 if mpp else np.nan,
         "note": "",
     }
-    if not len(tissue_tiles):
+    if area_px <= 0:
         row["note"] = "no tissue found (all background at tissue.threshold)"
+    elif not len(tissue_tiles):
+        row["note"] = (f"tissue found, but no tile has tissue_fraction >= tiles.min_tissue "
+                       f"({cfg.tiles.min_tissue}): lower tiles.min_tissue or tiles.size")
     elif not len(kept):
         row["note"] = "no tile passed ssim.threshold: check the pair is registered"
     return row
@@ -269,7 +289,7 @@ class PreprocessStage(Stage):
     """Tissue masks, SSIM map, per-tile table, downsampled layers and thumbnails."""
 
     name = "preprocess"
-    version = 1
+    version = 2  # 2: layers written as OME-NGFF 0.5 images (c, y, x + pyramid + thumbnails/)
     config_sections = ("chunk_size", "tiles", "tissue", "ssim", "layers")
 
     def keys(self, cfg) -> dict[str, Any]:
@@ -339,8 +359,12 @@ class PreprocessStage(Stage):
         )
 
     def run(self, ctx: SlideContext) -> pd.DataFrame:
+        from daskpath import ome
+
         plan = self.plan(ctx)
         parts = ctx.compute([t for _, t in plan.tasks])
+        if plan.layer_tmp is not None:  # level 0 complete: the pyramids (not recorded: cheap)
+            ctx.compute([ome.build_pyramid(p, compute=False) for p in layer_images(plan.layer_tmp)])
         sums = combine_sums(parts, *_tile_shape(plan.shape, plan.tile), 3)
         part = tiles_from_sums(ctx.slide, plan.shape, sums, ctx.cfg)
         part["mpp"] = plan.mpp if plan.mpp else np.nan

@@ -8,8 +8,10 @@ nuclei stage, so an interrupted stage resumes chunk by chunk.
 
 Part table: ``ratio_virtual`` / ``ki67_index_virtual`` and their sums, plus ``ssim_virtual`` and
 ``psnr_virtual`` (how IHC-like the virtual stain is on each kept tile). Published:
-``layers/<slide>.virtual.zarr``, ``layers/<slide>.virtual-labels.zarr`` and
-``nuclei/<slide>.virtual.{parquet,geojson,json}``.
+``layers/<slide>.virtual.zarr``, an OME-NGFF 0.5 RGB image (axes ``c, y, x`` in micrometres,
+level 0 written chunk by chunk, then its pyramid) holding the nucleus label images of the
+virtual IHC as NGFF labels ``labels/nuclei`` (ids) and ``labels/ki67`` (1 negative,
+2 positive), and ``nuclei/<slide>.virtual.{parquet,geojson,json}``.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ __all__ = ["TranslateStage"]
 
 
 def _store_block(block: np.ndarray, path: str, region: tuple[int, int, int, int]) -> np.ndarray:
-    """Write one translated chunk into the virtual layer; return a tiny done-record."""
-    import zarr
+    """Write one translated ``(y, x, 3)`` chunk into level 0 of the virtual image (NGFF
+    ``c, y, x``; the chunk is one zarr chunk); return a tiny done-record."""
+    from daskpath import ome
 
     y0, y1, x0, x1 = region
-    zarr.open_array(path, mode="r+")[y0:y1, x0:x1, :] = block
+    ome.write_region(path, y0, x0, block, channel_last=True)
     return np.array([y0, y1, x0, x1], np.int64)
 
 
@@ -57,7 +60,7 @@ class TranslateStage(Stage):
 
     name = "translate"
     requires = ("preprocess",)  # scored against the nuclei stage's ratio_ihc (config checks it runs)
-    version = 1
+    version = 2  # 2: virtual.zarr is an OME-NGFF image with its labels inside
     config_sections = ("translate", "nuclei")
 
     def keys(self, cfg) -> dict[str, Any]:
@@ -85,8 +88,8 @@ class TranslateStage(Stage):
     def run(self, ctx: SlideContext) -> pd.DataFrame:
         import dask
         import dask.array as da
-        import zarr
 
+        from daskpath import ome
         from daskpath.cluster import check_runnable, model_annotations
         from daskpath.nuclei import chunks_in_region, default_depth, resolve_model
         from daskpath.translate import translate
@@ -109,13 +112,15 @@ class TranslateStage(Stage):
         vpath = ctx.work / "virtual.zarr"
         cy, cx = virtual.chunks[0][0], virtual.chunks[1][0]
         try:
-            target = zarr.open_array(str(vpath), mode="r")
-            fresh = target.shape != virtual.shape or target.chunks != (cy, cx, 3)
-        except Exception:  # noqa: BLE001 - missing: create
+            target = ome.open_level(vpath, 0)
+            fresh = target.shape != (3, *virtual.shape[:2]) or target.chunks != (3, cy, cx)
+        except Exception:  # noqa: BLE001 - missing or an older layout: create
             fresh = True
-        if fresh:
-            zarr.open_array(str(vpath), mode="w", shape=virtual.shape, chunks=(cy, cx, 3),
-                            dtype="uint8", fill_value=255)
+        if fresh:  # white where not translated
+            mpp = ds["he"].attrs.get("mpp")
+            ome.create_image(vpath, virtual.shape[:2], kind="rgb", chunks=(cy, cx), mpp=mpp,
+                             fill_value=255, name=f"{ctx.slide} virtual IHC",
+                             attrs={"slide": ctx.slide, "model": str(cfg.translate.model)})
         margin = default_depth(resolve_model(cfg.nuclei.model))
         grown = [(max(0, y0 - margin), y1 + margin, max(0, x0 - margin), x1 + margin)
                  for y0, y1, x0, x1 in region]
@@ -129,7 +134,8 @@ class TranslateStage(Stage):
             reg = (int(ys[i]), int(ys[i + 1]), int(xs[j]), int(xs[j + 1]))
             tasks.append(ctx.recorded(store(blocks[i, j, 0], str(vpath), reg), f"virtual-{i}_{j}"))
         ctx.compute(tasks)
-        image = da.from_zarr(str(vpath))
+        ctx.compute([ome.build_pyramid(vpath, compute=False)])  # level 0 complete
+        image = da.from_zarr(ome.open_level(vpath, 0)).transpose(1, 2, 0)  # (y, x, 3)
         part = measure_on(ctx, image, "virtual", "virtual")
         sim = self._similarity(ctx, image, ds["ihc"].data, tiles, keep)
         part["ssim_virtual"] = sim[:, 0]

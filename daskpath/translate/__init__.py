@@ -3,7 +3,7 @@
 Public API (torch is imported on first use of a name that needs it, never by ``import daskpath``)::
 
     from daskpath.translate import translate, load_generator
-    virtual = translate(he_dask, "phantom")          # lazy (y, x, 3) uint8 on the H&E grid
+    virtual = translate(ds.he, "phantom")   # lazy (y, x, 3) uint8 DataArray on the H&E grid
 
 * :mod:`~daskpath.translate.networks` -- ResnetGenerator / UnetGenerator / PatchGAN, key-for-key
   compatible with pytorch-CycleGAN-and-pix2pix.
@@ -50,7 +50,6 @@ _WHERE = {
     "save_generator": "checkpoints",
     "SHIPPED_MODELS": "checkpoints",
     "define_G": "networks",
-    "translate": "inference",
     "translate_array": "inference",
     "resolve_translator": "inference",
     "slide_norm_stats": "inference",
@@ -59,6 +58,37 @@ _WHERE = {
     "export_tile_pairs": "tilepairs",
     "split_slides": "tilepairs",
 }
+
+
+def translate(he: Any, model: Any = "phantom", **kwargs: Any) -> Any:
+    """Lazy virtual IHC of an H&E slide, on the H&E's pixel grid.
+
+    Takes what :func:`daskpath.open_pair` gives: ``translate(ds.he)`` returns an
+    ``xarray.DataArray`` named ``"virtual_ihc"`` with ``ds.he``'s coordinates (``y``, ``x``,
+    ``c``, ``y_um``, ``x_um``) and attrs (``mpp``, ...); a dask or NumPy array gives a dask
+    array. The work is :func:`daskpath.translate.inference.translate`'s (GAN generator over
+    chunks with an overlap of at least the receptive-field margin, slide-level normalisation
+    statistics, seam-free).
+
+    Parameters
+    ----------
+    he : xarray.DataArray, dask.array.Array or ndarray, shape (y, x, 3), uint8
+        The H&E slide.
+    model : str, Path or TranslatorRef
+        Shipped model name (``"phantom"``), model folder, or checkpoint ``.pth``.
+    **kwargs
+        ``tile``, ``halo``, ``batch_size``, ``blend``, ``norm_stats``, ``device``, ``amp``,
+        ``resources``, ... as in :func:`daskpath.translate.inference.translate`.
+
+    Returns
+    -------
+    xarray.DataArray or dask.array.Array, shape (y, x, 3), uint8
+    """
+    from daskpath._xr import as_dask, like
+    from daskpath.translate.inference import translate as _translate
+
+    arr, template = as_dask(he, "translate: he")
+    return like(_translate(arr, model, **kwargs), template, "virtual_ihc", channels=True)
 
 
 def __getattr__(name: str) -> Any:

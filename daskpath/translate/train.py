@@ -522,7 +522,11 @@ def train(
     spec_full = replace(spec, weights="latest_net_G_A.pth" if cyc else "latest_net_G.pth",
                         extra={"training": {**asdict(cfg), **{"n_pairs": len(pairs)}}})
     t0 = time.time()
-    bar = tqdm(total=(total - start) * cfg.steps_per_epoch, disable=not progress, desc=f"train {cfg.mode}")
+    from daskpath.runner import _interactive
+
+    # a bar on a terminal; in a log file (no control characters) one line per epoch instead
+    bar = tqdm(total=(total - start) * cfg.steps_per_epoch, desc=f"train {cfg.mode}",
+               disable=not (progress and _interactive()))
     writer_f = open(csv_path, "a", newline="")
     writer = None
     try:
@@ -553,6 +557,9 @@ def train(
                         "sched": [s.state_dict() for s in sch]}, tmp)
             os.replace(tmp, state_path)
             writer_f.flush()
+            if progress and bar.disable:
+                log.info("train %s: epoch %d of %d done (%.0f s)", cfg.mode, epoch + 1, total,
+                         time.time() - t0)
     finally:
         writer_f.close()
         bar.close()
