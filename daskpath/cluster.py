@@ -47,6 +47,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from daskpath.config import ClusterConfig
@@ -71,6 +72,19 @@ GPU = "GPU"  # the worker resource name GPU workers declare and model tasks ask 
 
 
 # --------------------------------------------------------------------------------------- sizing
+def _security(cfg: ClusterConfig) -> Any:
+    """``distributed.security.Security`` of ``cluster.security`` (None: plain tcp)."""
+    from daskpath.security import security_from_config
+
+    return security_from_config(cfg.security)
+
+
+def _security_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
+    """``security=`` and ``protocol="tls://"`` for a cluster daskpath starts, or nothing."""
+    sec = _security(cfg)
+    return {"security": sec, "protocol": "tls://"} if sec is not None else {}
+
+
 def _bind_options(cfg: ClusterConfig) -> dict[str, Any]:
     """Where a scheduler started by daskpath listens: ``interface`` wins over ``scheduler_host``."""
     if cfg.interface:
@@ -170,7 +184,7 @@ def _add_cpu_workers(cluster, cpu: Mapping[str, Any], host: str | None = None) -
             "nthreads": cpu["threads_per_worker"],
             "memory_limit": cpu["memory_limit"],
         }
-        for key in ("local_directory", "preload", "preload_argv"):
+        for key in ("local_directory", "preload", "preload_argv", "security"):
             if cpu.get(key):
                 opts[key] = cpu[key]
         if host:
@@ -228,7 +242,8 @@ def slurm_cluster_kwargs(cfg: ClusterConfig) -> dict:
 def slurm_job_script(cfg: ClusterConfig) -> str:
     """The sbatch script one worker job of ``cluster.kind: slurm`` runs (needs no SLURM).
 
-    The scheduler address in it is a placeholder for the one chosen at run time.
+    No scheduler is started (nothing binds a port); the scheduler address in it is
+    :data:`SCHEDULER_PLACEHOLDER`, a stand-in for the one chosen at run time.
     """
     try:
         from dask_jobqueue import SLURMCluster
@@ -236,15 +251,24 @@ def slurm_job_script(cfg: ClusterConfig) -> str:
         raise DaskpathError(
             "cluster.kind 'slurm' needs dask-jobqueue; pip install 'daskpath[slurm]'"
         ) from e
+    import dask
+
     kw = slurm_cluster_kwargs(cfg)
-    # a throwaway scheduler on a free loopback port, no dashboard: only the script is wanted
-    kw["scheduler_options"] = {"host": "127.0.0.1", "dashboard": False, "port": 0}
-    kw["interface"] = None
-    quiet_distributed()
-    with SLURMCluster(**kw) as cluster:
-        script = cluster.job_script()
-        address = cluster.scheduler_address
-    return script.replace(address, "tcp://SCHEDULER_HOST:PORT")
+    kw.pop("scheduler_options")
+    # what SLURMCluster hands its jobs, without starting its scheduler: the job class renders the
+    # script from the same keywords (dask-jobqueue's own ``cluster.job_script()`` does the same
+    # once a scheduler runs)
+    job_cls = SLURMCluster.job_cls
+    config_name = job_cls.default_config_name()
+    if kw.get("interface") is None:
+        kw["interface"] = dask.config.get(f"jobqueue.{config_name}.interface", None)
+    job = job_cls(SCHEDULER_PLACEHOLDER, name="dummy-name", config_name=config_name,
+                  protocol=None, security=None, **kw)
+    return job.job_script()
+
+
+#: Stands for the scheduler address in a job script rendered before any scheduler runs.
+SCHEDULER_PLACEHOLDER = "tcp://SCHEDULER_HOST:PORT"
 
 
 # ----------------------------------------------------------------------------------- kubernetes
@@ -330,13 +354,59 @@ def _k8s_cluster_template(name: str, image: str, replicas: int, resources: dict,
     }
 
 
-def _harden(pod_spec: dict, uid: int, pull: str) -> None:
+#: Where a Kubernetes pod finds the TLS files (the Secret ``<name>-tls``), read-only.
+K8S_TLS_MOUNT = "/etc/daskpath/tls"
+
+
+def _harden(pod_spec: dict, uid: int, pull: str, tls_secret: str | None = None) -> None:
+    """Non-root, no capabilities, read-only root filesystem (a writable emptyDir on /tmp for
+    spilling and caches), no service-account token, and the TLS Secret mounted when given."""
     pod_ctx, ctr_ctx = _security_context(uid)
     pod_spec["securityContext"] = pod_ctx
+    pod_spec["automountServiceAccountToken"] = False  # dask pods never talk to the API server
+    volumes = [{"name": "scratch", "emptyDir": {}}]
+    mounts = [{"name": "scratch", "mountPath": "/tmp"}]
+    if tls_secret:
+        volumes.append({"name": "tls", "secret": {"secretName": tls_secret, "defaultMode": 0o400}})
+        mounts.append({"name": "tls", "mountPath": K8S_TLS_MOUNT, "readOnly": True})
+    pod_spec["volumes"] = volumes
     for c in pod_spec.get("containers", []):
-        c["securityContext"] = copy.deepcopy(ctr_ctx)
+        c["securityContext"] = {**copy.deepcopy(ctr_ctx), "readOnlyRootFilesystem": True}
         c["imagePullPolicy"] = pull
-        c["env"] = copy.deepcopy(c.get("env") or [])  # the operator appends to it
+        env = copy.deepcopy(c.get("env") or [])  # the operator appends to it
+        env += [{"name": "HOME", "value": "/tmp"}, {"name": "MPLCONFIGDIR", "value": "/tmp/mpl"}]
+        c["env"] = env
+        c["volumeMounts"] = copy.deepcopy(mounts)
+
+
+def _tls_args(role: str) -> list[str]:
+    """Command-line TLS options of ``dask scheduler`` / ``dask worker`` reading the mounted Secret."""
+    files = [f"--tls-ca-file={K8S_TLS_MOUNT}/ca.pem", f"--tls-cert={K8S_TLS_MOUNT}/cert.pem",
+             f"--tls-key={K8S_TLS_MOUNT}/key.pem"]
+    return (["--protocol=tls"] if role == "scheduler" else []) + files
+
+
+def kubernetes_network_policy(cfg: ClusterConfig) -> dict:
+    """A NetworkPolicy: the scheduler's ports admit only this cluster's workers and pods
+    labelled ``daskpath.org/client: "true"`` (the driver, when it runs in the cluster)."""
+    k = cfg.kubernetes
+    meta: dict[str, Any] = {"name": f"{k.name}-scheduler"}
+    if k.namespace:
+        meta["namespace"] = k.namespace
+    peers = [{"podSelector": {"matchLabels": {"dask.org/cluster-name": k.name}}},
+             {"podSelector": {"matchLabels": {"daskpath.org/client": "true"}}}]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta,
+        "spec": {
+            "podSelector": {"matchLabels": {"dask.org/cluster-name": k.name,
+                                            "dask.org/component": "scheduler"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": 8786},
+                                                  {"protocol": "TCP", "port": 8787}]}],
+        },
+    }
 
 
 def kubernetes_manifests(cfg: ClusterConfig, use_operator_package: bool = True) -> list[dict]:
@@ -374,11 +444,16 @@ def kubernetes_manifests(cfg: ClusterConfig, use_operator_package: bool = True) 
     # the scheduler needs less than a worker
     sched_res = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
     spec["spec"]["scheduler"]["spec"]["containers"][0]["resources"] = sched_res
-    _harden(spec["spec"]["scheduler"]["spec"], k.run_as_user, k.image_pull_policy)
-    _harden(spec["spec"]["worker"]["spec"], k.run_as_user, k.image_pull_policy)
+    tls = f"{k.name}-tls" if cfg.security.kind == "tls" else None
+    _harden(spec["spec"]["scheduler"]["spec"], k.run_as_user, k.image_pull_policy, tls)
+    _harden(spec["spec"]["worker"]["spec"], k.run_as_user, k.image_pull_policy, tls)
+    if tls:
+        spec["spec"]["scheduler"]["spec"]["containers"][0]["args"] += _tls_args("scheduler")
+        spec["spec"]["worker"]["spec"]["containers"][0]["args"] += _tls_args("worker")
     out = [spec]
     if k.gpu_workers:
         out.append(kubernetes_gpu_worker_group(cfg))
+    out.append(kubernetes_network_policy(cfg))
     return out
 
 
@@ -393,7 +468,10 @@ def kubernetes_gpu_worker_group(cfg: ClusterConfig, cluster_name: str | None = N
            "--memory-limit", _k8s_memory(k.gpu_worker_memory), "--resources", f"{GPU}=1"]
     worker = _k8s_worker_spec(k.image, k.gpu_workers, res, cmd,
                               [{"name": "DASKPATH_CLUSTER", "value": "kubernetes"}])
-    _harden(worker["spec"], k.run_as_user, k.image_pull_policy)
+    tls = f"{name}-tls" if cfg.security.kind == "tls" else None
+    _harden(worker["spec"], k.run_as_user, k.image_pull_policy, tls)
+    if tls:
+        worker["spec"]["containers"][0]["args"] += _tls_args("worker")
     worker["spec"]["tolerations"] = [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
@@ -635,7 +713,9 @@ def dask_setup(worker) -> None:
     * SIGTERM starts a timer: the process exits (status 143) :data:`WORKER_SIGTERM_GRACE` s later
       unless its nanny has closed it by then, which is what the driver does on the same signal;
     * the worker's warnings about the tasks it cancels while it closes ("Async instruction ...
-      ended with CancelledError") are dropped.
+      ended with CancelledError") are dropped;
+    * the Python loggers of TensorFlow, absl and pyvips are kept at ERROR unless the inherited
+      ``TF_CPP_MIN_LOG_LEVEL`` is 0 (``daskpath -v``); see :mod:`daskpath._logging`.
 
     A worker process still exits at once when its parent dies (distributed watches the parent
     through a pipe), and a nanny kills a worker with SIGKILL, not SIGTERM. SIGTERM is not simply
@@ -647,6 +727,10 @@ def dask_setup(worker) -> None:
     """
     if multiprocessing.parent_process() is None:
         return
+    from daskpath._logging import quiet_chatty_loggers
+
+    # TensorFlow / libvips chatter: as the inherited environment says (TF_CPP_MIN_LOG_LEVEL)
+    quiet_chatty_loggers()
     logging.getLogger("distributed.worker.state_machine").addFilter(_ClosingWorkerFilter(worker))
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -714,6 +798,10 @@ def _start_local_cuda(cfg: ClusterConfig):
     gpu, cpu = local_cuda_cluster_kwargs(cfg, n_gpus)
     preload = _worker_preload()
     cpu = {**cpu, **preload}
+    sec = _security_kwargs(cfg)
+    if sec:
+        gpu = {**gpu, **sec}
+        cpu = {**cpu, "security": sec["security"]}
     try:
         cluster = LocalCUDACluster(**gpu, **preload)
     except Exception as e:  # noqa: BLE001
@@ -742,7 +830,14 @@ def _start_slurm(cfg: ClusterConfig):
             "(or use cluster.kind: local / address)"
         )
     s = cfg.slurm
-    cluster = SLURMCluster(**slurm_cluster_kwargs(cfg))
+    sec = _security_kwargs(cfg)
+    if sec and cfg.security.kind == "temporary":
+        # dask-jobqueue writes the throw-away certificates (mode 0600) where the jobs can read
+        # them: the submission folder, which SLURM jobs share with the login node
+        shared = Path.cwd() / ".daskpath-jobqueue"
+        shared.mkdir(mode=0o700, exist_ok=True)
+        sec["shared_temp_directory"] = str(shared)
+    cluster = SLURMCluster(**slurm_cluster_kwargs(cfg), **sec)
     try:
         if s.adaptive:
             cluster.adapt(minimum_jobs=s.minimum_jobs, maximum_jobs=s.maximum_jobs)
@@ -767,18 +862,31 @@ def _start_kubernetes(cfg: ClusterConfig):
         ) from e
     k = cfg.kubernetes
     manifests = kubernetes_manifests(cfg)
+    by_kind = {m["kind"]: m for m in manifests}
+    try:  # the NetworkPolicy first, so the scheduler is never reachable by other pods
+        from kr8s.objects import object_from_spec
+
+        policy = object_from_spec(by_kind["NetworkPolicy"])
+        if not policy.exists():
+            policy.create()
+    except Exception as e:  # noqa: BLE001 - no permission, no kr8s: say so, do not start open
+        raise DaskpathError(
+            f"cannot create the NetworkPolicy '{k.name}-scheduler' ({type(e).__name__}: {e}); "
+            "apply it yourself (`daskpath cluster kubernetes --print CONFIG`) or ask the cluster "
+            "admin for permission to create NetworkPolicies"
+        ) from e
     try:
-        cluster = KubeCluster(custom_cluster_spec=manifests[0], namespace=k.namespace,
+        cluster = KubeCluster(custom_cluster_spec=by_kind["DaskCluster"], namespace=k.namespace,
                               resource_timeout=cfg.startup_timeout, quiet=True)
     except Exception as e:  # noqa: BLE001 - credentials, API errors
         raise DaskpathError(
             f"cannot create the DaskCluster '{k.name}' ({type(e).__name__}: {e}); check kubectl "
             "access and that the dask-kubernetes operator is installed (cluster/README.md)"
         ) from e
-    if len(manifests) > 1:
+    if "DaskWorkerGroup" in by_kind:
         try:
             cluster.add_worker_group(name="gpu", n_workers=k.gpu_workers,
-                                     custom_spec=manifests[1]["spec"]["worker"])
+                                     custom_spec=by_kind["DaskWorkerGroup"]["spec"]["worker"])
         except Exception:
             cluster.close()
             raise
@@ -816,8 +924,9 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator:
     if cfg.kind == "address" and not address:
         raise ConfigError("cluster.kind is 'address' but cluster.address is empty; set it or pass --scheduler")
     if address:
+        sec = _security(cfg)
         try:
-            client = Client(address, timeout="20s")
+            client = Client(address, timeout="20s", **({"security": sec} if sec else {}))
         except OSError as e:
             raise DaskpathError(
                 f"cannot reach the Dask scheduler at {address}; start it or fix the address ({e})"
@@ -832,6 +941,7 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator:
             yield client
         return
     kwargs = local_cluster_kwargs(cfg)
+    kwargs.update(_security_kwargs(cfg))
     with _closing(LocalCluster(**kwargs, **_worker_preload())) as cluster, \
             _closing(Client(cluster)) as client:
         log.info(

@@ -16,7 +16,8 @@ client each present a certificate signed by one CA, and the scheduler refuses an
 :func:`make_tls` writes such a folder with the ``cryptography`` package (which distributed
 itself uses for ``Security.temporary``): a CA, and one certificate for the scheduler, the workers
 and the client (``serverAuth`` + ``clientAuth``), valid for the host names given and
-``localhost``. Keys are written with mode 0600.
+``localhost``. Keys are written with mode 0600; the CA's key goes to ``ca/ca-key.pem`` (keep
+it; it signs new certificates, and anyone holding it can join the cluster).
 """
 
 from __future__ import annotations
@@ -112,7 +113,10 @@ def make_tls(folder: str | os.PathLike[str], hosts: Iterable[str] = (), *, days:
     pem = serialization.Encoding.PEM
     plain = serialization.NoEncryption()
     files = {k: out / v for k, v in TLS_FILES.items()}
-    files["ca_key_file"] = out / "ca-key.pem"
+    # the CA key in a sub-folder, so `kubectl create secret generic --from-file=DIR` (which
+    # takes the folder's top-level files only) never ships it to the pods
+    (out / "ca").mkdir(mode=0o700, exist_ok=True)
+    files["ca_key_file"] = out / "ca" / "ca-key.pem"
     files["ca_file"].write_bytes(ca.public_bytes(pem))
     files["cert_file"].write_bytes(cert.public_bytes(pem))
     _write_private(files["key_file"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))

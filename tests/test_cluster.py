@@ -330,11 +330,25 @@ def test_connect_kubernetes_adds_gpu_group(monkeypatch):
         def add_worker_group(self, name, n_workers=0, custom_spec=None, **kw):
             seen["group"] = (name, n_workers, custom_spec)
 
+    class FakePolicy:
+        def __init__(self, spec):
+            seen["policy"] = spec
+
+        def exists(self):
+            return False
+
+        def create(self):
+            seen["created"] = "spec" not in seen  # before the DaskCluster
+
+    import kr8s.objects
+
     monkeypatch.setattr(op, "KubeCluster", FakeKube)
+    monkeypatch.setattr(kr8s.objects, "object_from_spec", FakePolicy)
     cfg = cluster_cfg("cluster.kind=kubernetes", "cluster.kubernetes.gpu_workers=3",
                       "cluster.kubernetes.namespace=lab")
     with connect(cfg):
         pass
+    assert seen["policy"]["kind"] == "NetworkPolicy" and seen["created"] is True
     assert seen["spec"]["kind"] == "DaskCluster" and seen["namespace"] == "lab"
     name, n, worker = seen["group"]
     assert (name, n) == ("gpu", 3)
@@ -438,7 +452,7 @@ def _structural_check(doc: dict) -> None:
 def _check_docs(docs: list[dict]) -> None:
     schemas = _crd_schemas()
     for doc in docs:
-        if doc["kind"] in ("ConfigMap",):
+        if doc["kind"] in ("ConfigMap", "NetworkPolicy"):
             continue
         _structural_check(doc)
         if schemas is not None:
@@ -470,13 +484,32 @@ def _assert_non_root(docs: list[dict]) -> None:
     assert n
 
 
+def _assert_locked_down(docs: list[dict]) -> None:
+    for pod in _pods(docs):
+        assert pod["automountServiceAccountToken"] is False
+        names = {v["name"] for v in pod["volumes"]}
+        for c in pod["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+            writable = [m for m in c["volumeMounts"] if not m.get("readOnly")]
+            assert [m["mountPath"] for m in writable] == ["/tmp"]
+            assert {m["name"] for m in c["volumeMounts"]} <= names
+
+
 def test_kubernetes_manifests_valid_and_hardened():
     cfg = cluster_cfg("cluster.kubernetes.gpu_workers=2", "cluster.kubernetes.namespace=lab")
     docs = kubernetes_manifests(cfg)
-    assert [d["kind"] for d in docs] == ["DaskCluster", "DaskWorkerGroup"]
+    assert [d["kind"] for d in docs] == ["DaskCluster", "DaskWorkerGroup", "NetworkPolicy"]
     _check_docs(docs)
     _assert_non_root(docs)
-    cluster, group = docs
+    _assert_locked_down(docs)
+    cluster, group, policy = docs
+    # only this cluster's pods (and labelled clients) reach the scheduler's ports
+    assert policy["spec"]["podSelector"]["matchLabels"] == {
+        "dask.org/cluster-name": "daskpath", "dask.org/component": "scheduler"}
+    assert policy["metadata"]["namespace"] == "lab" and policy["spec"]["policyTypes"] == ["Ingress"]
+    peers = policy["spec"]["ingress"][0]["from"]
+    assert {"podSelector": {"matchLabels": {"dask.org/cluster-name": "daskpath"}}} in peers
+    assert len(peers) == 2 and all(set(p) == {"podSelector"} for p in peers)
     assert cluster["spec"]["scheduler"]["service"]["type"] == "ClusterIP"
     assert group["spec"]["cluster"] == cluster["metadata"]["name"] == "daskpath"
     gpu = group["spec"]["worker"]["spec"]["containers"][0]
@@ -484,8 +517,26 @@ def test_kubernetes_manifests_valid_and_hardened():
     assert gpu["args"][0] == "dask-cuda-worker" and "GPU=1" in gpu["args"]
     cpu = cluster["spec"]["worker"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
-    # without GPU workers: one document
-    assert len(kubernetes_manifests(cluster_cfg())) == 1
+    # without GPU workers: the cluster and its policy
+    assert [d["kind"] for d in kubernetes_manifests(cluster_cfg())] == ["DaskCluster", "NetworkPolicy"]
+
+
+def test_kubernetes_tls_mounts_the_secret_and_speaks_tls(tmp_path):
+    from daskpath.security import make_tls
+
+    make_tls(tmp_path / "tls")
+    cfg = cluster_cfg("cluster.kubernetes.gpu_workers=1", "cluster.security.kind=tls",
+                      f"cluster.security.dir={tmp_path / 'tls'}")
+    docs = kubernetes_manifests(cfg)
+    _check_docs(docs)
+    _assert_locked_down(docs)
+    for pod in _pods(docs):
+        secret = [v for v in pod["volumes"] if v["name"] == "tls"]
+        assert secret == [{"name": "tls", "secret": {"secretName": "daskpath-tls", "defaultMode": 0o400}}]
+        args = pod["containers"][0]["args"]
+        assert "--tls-ca-file=/etc/daskpath/tls/ca.pem" in args and "--tls-key=/etc/daskpath/tls/key.pem" in args
+    sched = docs[0]["spec"]["scheduler"]["spec"]["containers"][0]["args"]
+    assert "--protocol=tls" in sched
 
 
 def test_kubernetes_builtin_template_matches_operator_package():
@@ -507,10 +558,14 @@ def test_operator_files_present_and_parse():
 def test_daskjob_manifest_against_crd():
     docs = list(yaml.safe_load_all((CLUSTER_DIR / "kubernetes" / "daskjob.yaml").read_text()))
     kinds = [d["kind"] for d in docs]
-    assert kinds == ["ConfigMap", "DaskJob", "DaskWorkerGroup"]
+    assert kinds == ["ConfigMap", "DaskJob", "DaskWorkerGroup", "NetworkPolicy"]
     _check_docs(docs)
     _assert_non_root(docs)
-    cm, job, cpu_group = docs
+    cm, job, cpu_group, policy = docs
+    pods = list(_pods(docs))
+    assert len(pods) == 4 and all(p["automountServiceAccountToken"] is False for p in pods)
+    assert all(c["securityContext"]["readOnlyRootFilesystem"] for p in pods for c in p["containers"])
+    assert policy["spec"]["podSelector"]["matchLabels"]["dask.org/component"] == "scheduler"
     driver = job["spec"]["job"]["spec"]["containers"][0]
     assert driver["args"][:2] == ["daskpath", "run"] and "$(DASK_SCHEDULER_ADDRESS)" in driver["args"]
     worker = job["spec"]["cluster"]["spec"]["worker"]["spec"]["containers"][0]
@@ -578,7 +633,7 @@ def test_cli_cluster_kubernetes_print(capsys, tmp_path):
     cfg.write_text("cluster:\n  kubernetes:\n    gpu_workers: 2\n    image: reg.example/daskpath:1\n")
     assert main(["cluster", "kubernetes", str(cfg), "--print"]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["DaskCluster", "DaskWorkerGroup"]
+    assert [d["kind"] for d in docs] == ["DaskCluster", "DaskWorkerGroup", "NetworkPolicy"]
     assert docs[1]["spec"]["worker"]["spec"]["containers"][0]["image"] == "reg.example/daskpath:1"
     _check_docs(docs)
 

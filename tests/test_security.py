@@ -80,3 +80,19 @@ def test_tls_scheduler_refuses_plain_and_foreign_clients(tmp_path):
     assert out["address"].startswith("tls://127.0.0.1:")
     assert out["tls"] == "ok"
     assert out["plain"].startswith("refused") and out["foreign"].startswith("refused")
+
+
+def test_cli_cluster_tls(tmp_path, capsys):
+    from daskpath.cli import main
+
+    assert main(["cluster", "tls", str(tmp_path / "t"), "--host", "node01"]) == 0
+    out = capsys.readouterr().out
+    assert "cluster.security" in out and "DASKPATH_TLS_DIR" in out
+    assert sorted(p.name for p in (tmp_path / "t").iterdir() if p.is_file()) == [
+        "ca.pem", "cert.pem", "key.pem"]  # the CA key is not among the top-level files
+    assert (tmp_path / "t" / "ca" / "ca-key.pem").is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    assert main(["cluster", "tls", str(tmp_path / "mine")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0]

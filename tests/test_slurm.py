@@ -122,3 +122,71 @@ def test_pipeline_on_slurm_equals_local(slurm, tmp_path):
         time.sleep(1)
     else:
         pytest.fail(f"SLURM jobs {job_ids} still queued after the cluster closed")
+
+
+def test_cohort_script_scheduler_accepts_only_tls(slurm, tmp_path):
+    """cluster/slurm/run-cohort.sbatch with DASKPATH_TLS_DIR: the scheduler it starts (bound to
+    the node's address, here loopback) speaks only TLS; a plain or foreign client is refused, and
+    the driver, with cluster.security from the script, finishes the run."""
+    import asyncio
+
+    from distributed import Client
+    from distributed.security import Security
+
+    from daskpath.config import load_config
+    from daskpath.security import make_tls, security_from_config
+    from daskpath.synthetic import make_cohort
+
+    manifest = make_cohort(tmp_path / "slides", pairs=1, size=(1024, 1024), seed=3)
+    tls = tmp_path / "tls"
+    make_tls(tls)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"slides: {manifest}\noutput_dir: {tmp_path / 'out'}\nstages: [preprocess]\n")
+    work = tmp_path / "job"
+    env = {**os.environ, "DASKPATH_VENV": sys.prefix, "DASKPATH_WORKER": "cpu",
+           "DASKPATH_SCHEDULER_HOST": "127.0.0.1", "DASKPATH_TLS_DIR": str(tls),
+           "DASKPATH_WORK": str(work)}
+    script = ROOT / "cluster" / "slurm" / "run-cohort.sbatch"
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--partition=debug", "--nodes=1", "--gres=none",
+         "--cpus-per-task=2", "--mem=4G", "--time=00:10:00", f"--output={tmp_path / 'job.out'}",
+         str(script), str(cfg)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    sched_file = work / "scheduler.json"
+    for _ in range(180):
+        if sched_file.is_file() and sched_file.stat().st_size:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no scheduler file; job output: {(tmp_path / 'job.out').read_text()[-800:]}")
+    import json
+
+    address = json.loads(sched_file.read_text())["address"]
+    assert address.startswith("tls://127.0.0.1:"), address  # TLS, and loopback only
+
+    sec = security_from_config(load_config(
+        None, ["cluster.security.kind=tls", f"cluster.security.dir={tls}"]).cluster.security)
+
+    async def probe() -> dict[str, str]:
+        out = {}
+        for name, addr, security in (("plain", "tcp://" + address.split("://", 1)[1], None),
+                                     ("foreign", address, Security.temporary()),
+                                     ("ours", address, sec)):
+            try:
+                async with Client(addr, asynchronous=True, timeout="5s", security=security) as c:
+                    out[name] = "connected" if await c.run_on_scheduler(lambda: 1) == 1 else "?"
+            except Exception as e:  # noqa: BLE001 - any refusal
+                out[name] = f"refused ({type(e).__name__})"
+        return out
+
+    seen = asyncio.run(probe())
+    assert seen["plain"].startswith("refused") and seen["foreign"].startswith("refused"), seen
+    assert seen["ours"] == "connected", seen
+    for _ in range(600):
+        q = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout
+        if not q.strip():
+            break
+        time.sleep(0.5)
+    text = (tmp_path / "job.out").read_text()
+    assert (tmp_path / "out" / "tiles.parquet").is_file(), text[-1500:]
