@@ -386,6 +386,12 @@ def _tls_args(role: str) -> list[str]:
     return (["--protocol=tls"] if role == "scheduler" else []) + files
 
 
+def _tls_worker(args: list[str], cluster_name: str) -> list[str]:
+    """A worker command that dials the scheduler Service over TLS: the address is given
+    explicitly (the operator's DASK_SCHEDULER_ADDRESS says tcp://), plus the TLS files."""
+    return [args[0], f"tls://{cluster_name}-scheduler:8786", *args[1:], *_tls_args("worker")]
+
+
 def kubernetes_network_policy(cfg: ClusterConfig) -> dict:
     """A NetworkPolicy: the scheduler's ports admit only this cluster's workers and pods
     labelled ``daskpath.org/client: "true"`` (the driver, when it runs in the cluster)."""
@@ -449,7 +455,8 @@ def kubernetes_manifests(cfg: ClusterConfig, use_operator_package: bool = True) 
     _harden(spec["spec"]["worker"]["spec"], k.run_as_user, k.image_pull_policy, tls)
     if tls:
         spec["spec"]["scheduler"]["spec"]["containers"][0]["args"] += _tls_args("scheduler")
-        spec["spec"]["worker"]["spec"]["containers"][0]["args"] += _tls_args("worker")
+        w = spec["spec"]["worker"]["spec"]["containers"][0]
+        w["args"] = _tls_worker(w["args"], k.name)
     out = [spec]
     if k.gpu_workers:
         out.append(kubernetes_gpu_worker_group(cfg))
@@ -471,7 +478,8 @@ def kubernetes_gpu_worker_group(cfg: ClusterConfig, cluster_name: str | None = N
     tls = f"{name}-tls" if cfg.security.kind == "tls" else None
     _harden(worker["spec"], k.run_as_user, k.image_pull_policy, tls)
     if tls:
-        worker["spec"]["containers"][0]["args"] += _tls_args("worker")
+        c = worker["spec"]["containers"][0]
+        c["args"] = _tls_worker(c["args"], name)
     worker["spec"]["tolerations"] = [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
@@ -861,6 +869,11 @@ def _start_kubernetes(cfg: ClusterConfig):
             "cluster.kind 'kubernetes' needs dask-kubernetes: pip install 'daskpath[kubernetes]'"
         ) from e
     k = cfg.kubernetes
+    if cfg.security.kind != "none":
+        raise DaskpathError(
+            "cluster.kind 'kubernetes' with cluster.security: KubeCluster connects without TLS; "
+            "apply `daskpath cluster kubernetes --print CONFIG` (TLS Secret mounted) or the "
+            "DaskJob, and connect with cluster.kind: address plus cluster.security")
     manifests = kubernetes_manifests(cfg)
     by_kind = {m["kind"]: m for m in manifests}
     try:  # the NetworkPolicy first, so the scheduler is never reachable by other pods

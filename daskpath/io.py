@@ -28,10 +28,12 @@ to decode raises :class:`~daskpath.errors.SlideError` ("corrupt or truncated") a
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import struct
 import threading
@@ -141,6 +143,15 @@ class _Meta:
 
 def _detect(path: Path) -> str:
     """Return ``"zarr"``, ``"tiff"``, ``"png"`` or ``"jpeg"``; raise SlideError otherwise."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SlideError(f"slide path {path} is a symbolic-link loop: point the link at the "
+                             "slide file") from None
+        if not isinstance(e, FileNotFoundError):
+            raise SlideError(f"slide file {path} cannot be read ({e.strerror}): check its "
+                             "permissions") from None
     if not path.exists():
         raise SlideNotFoundError(f"slide file {path} does not exist: check the path (relative "
                                  f"paths are resolved against {Path.cwd()})")
@@ -149,6 +160,9 @@ def _detect(path: Path) -> str:
             return "zarr"
         raise SlideError(f"{path} is a directory but not a zarr/OME-Zarr store (no zarr.json or "
                          ".zgroup): pass a slide file or an OME-Zarr written by `daskpath ingest`")
+    if not path.is_file():
+        raise SlideError(f"{path} is not a regular file (a FIFO, socket or device): pass the "
+                         "slide file itself")
     if path.name.endswith(".partial"):
         raise SlideError(f"{path} is an unfinished ingest (.partial): rerun `daskpath ingest` "
                          "with --overwrite")
@@ -215,6 +229,11 @@ def _probe_tiff(path: Path, st: os.stat_result) -> _Meta:
         samples = 1 if axes == "YX" else int(series.shape[axes.index("S" if "S" in axes else "C")])
         _check_pixel_type(path, series.dtype, samples)
         keyframe = levels[0].keyframe
+        photometric = getattr(keyframe.photometric, "name", str(keyframe.photometric))
+        if photometric in _REFUSED_PHOTOMETRIC:
+            raise SlideError(f"{path} is {_REFUSED_PHOTOMETRIC[photometric]} (TIFF photometric="
+                             f"{photometric.lower()}), not RGB: convert it to sRGB first, e.g. "
+                             "`vips colourspace IN OUT.tif srgb`")
         tiled = bool(keyframe.is_tiled)
         shapes: list[tuple[int, int]] = []
         tiles: list[tuple[int, int]] = []
@@ -291,6 +310,10 @@ def _probe_vips(path: Path, fmt: str, st: os.stat_result) -> _Meta:
                 raise SlideError(f"{path} is corrupt or truncated (JPEG has no end-of-image "
                                  "marker): re-copy or re-export it")
     img = _vips_open(path, access="sequential")
+    interp = str(img.interpretation)
+    if interp in ("cmyk", "lab", "labs", "lch", "cmc", "xyz", "yxy"):
+        raise SlideError(f"{path} is {interp.upper()} colour, not RGB: convert it to sRGB first, "
+                         "e.g. `vips colourspace IN OUT.png srgb`")
     dtype = {"uchar": np.uint8, "char": np.int8, "ushort": np.uint16, "short": np.int16,
              "uint": np.uint32, "int": np.int32, "float": np.float32,
              "double": np.float64}.get(img.format, np.float64)
@@ -362,15 +385,29 @@ def _probe_zarr(path: Path, st: os.stat_result) -> _Meta:
                  size=0, axes=axes, zarr_paths=tuple(paths), downsamples=downsamples)
 
 
+#: TIFF photometric interpretations that are not RGB (read as RGB they give wrong colours).
+_REFUSED_PHOTOMETRIC = {"SEPARATED": "CMYK", "CIELAB": "CIE L*a*b*", "ICCLAB": "ICC L*a*b*",
+                        "ITULAB": "ITU L*a*b*", "PALETTE": "a palette image",
+                        "MINISWHITE": "inverted grayscale"}
+#: Smallest slide side accepted: a slide smaller than this holds no tile worth measuring.
+MIN_SIDE = 64
+
+
 def _probe(path: PathLike) -> _Meta:
     p = Path(path).expanduser().absolute()
     kind = _detect(p)
     st = p.stat()
     if kind == "zarr":
-        return _probe_zarr(p, st)
-    if kind == "tiff":
-        return _probe_tiff(p, st)
-    return _probe_vips(p, kind, st)
+        meta = _probe_zarr(p, st)
+    elif kind == "tiff":
+        meta = _probe_tiff(p, st)
+    else:
+        meta = _probe_vips(p, kind, st)
+    h, w = meta.level_shapes[0]
+    if min(h, w) < MIN_SIDE:
+        raise SlideError(f"{p} is only {h} x {w} px: a slide needs at least {MIN_SIDE} px per "
+                         "side; check it is the slide and not a thumbnail or label image")
+    return meta
 
 
 def slide_info(path: PathLike) -> dict[str, Any]:
@@ -951,11 +988,40 @@ def _check_manifest(df: pd.DataFrame, where: str, base: Path) -> pd.DataFrame:
     if len(dup):
         raise ManifestError(f"{where}: duplicate slide id(s) {', '.join(map(str, dup[:10]))}:"
                             " make each `slide` unique")
+    bad = [str(v) for v in df["slide"] if not SLIDE_ID.fullmatch(str(v))]
+    if bad:
+        shown = ", ".join(repr(b[:40]) for b in bad[:3])
+        raise ManifestError(f"{where}: slide id(s) {shown} are not plain names: use letters, "
+                            "digits, '.', '_' and '-' (up to 128, starting with a letter or "
+                            "digit); slide ids name output files, they are not paths")
+    folded = df["slide"].astype(str).str.casefold()
+    clash = sorted(set(df["slide"][folded.duplicated(keep=False)].astype(str)))
+    if clash:
+        raise ManifestError(f"{where}: slide ids {', '.join(clash[:4])} differ only in case and "
+                            "would share files on a case-insensitive disk: rename one")
     for col in ("he", "ihc"):
         df[col] = [str((base / Path(v).expanduser()).absolute()) if not Path(v).is_absolute()
                    else v for v in df[col]]
+    for r in df.itertuples(index=False):
+        if _same_file(r.he, r.ihc):
+            raise ManifestError(f"{where}: slide {r.slide} names the same file as H&E and IHC "
+                                f"({r.he}): give the IHC section's file")
     order = ["slide", "he", "ihc"] + [c for c in df.columns if c not in ("slide", "he", "ihc")]
     return df[order].reset_index(drop=True)
+
+
+#: What a slide id may be: it names output files (``layers/<slide>.zarr``), never a path.
+SLIDE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """The same path, or two names (links) of one file."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------

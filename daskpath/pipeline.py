@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daskpath.config import Config
-from daskpath.runner import RunResult
+from daskpath.ownership import FolderLock, check_folder, claim_folder
+from daskpath.publish import RunSet
+from daskpath.runner import RunResult, check_models, new_run_id
 from daskpath.stages.preprocess import (
     TILE_COLUMNS,
     SlidePlan,
@@ -125,54 +127,81 @@ def run(
                           "or pass slides= (a path, a DataFrame or (slide, he, ihc) tuples)")
     manifest = read_manifest(source)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(source, str | os.PathLike):
-        cfg = replace(cfg, slides=str(source))
-    else:  # the manifest given as data: write it down, so config.yaml names a file
-        cfg = replace(cfg, slides=str(_write_manifest(manifest, out)))
-    _write_run_config(cfg, out)
-    t0 = time.perf_counter()
-    if client is None:
-        with connect(cfg.cluster, scheduler) as c:
-            return _run_reported(cfg, manifest, out, c, progress, t0, performance_report)
-    return _run_reported(cfg, manifest, out, client, progress, t0, performance_report)
+    _check_utf8({"output_dir": str(out), "cache_dir": cfg.cache_dir or "",
+                 **{f"slide {r.slide} he": r.he for r in manifest.itertuples(index=False)},
+                 **{f"slide {r.slide} ihc": r.ihc for r in manifest.itertuples(index=False)}})
+    check_models(cfg)  # every model the stages need, resolved before the cluster starts
+    claim_folder(out, force=cfg.overwrite, option="--force (overwrite: true)")
+    run_id = new_run_id()
+    with FolderLock(out, what=f"daskpath run {run_id}"):
+        runset = RunSet(out, run_id)
+        if isinstance(source, str | os.PathLike):
+            cfg = replace(cfg, slides=str(source))
+        else:  # the manifest given as data: write it down, so config.yaml names a file
+            cfg = replace(cfg, slides=str(_write_manifest(manifest, out, runset)))
+        _write_run_config(cfg, out, runset)
+        t0 = time.perf_counter()
+        if client is None:
+            with connect(cfg.cluster, scheduler) as c:
+                res = _run_reported(cfg, manifest, out, c, progress, t0, performance_report, runset)
+        else:
+            res = _run_reported(cfg, manifest, out, client, progress, t0, performance_report,
+                                runset)
+        claim_folder(out, force=True, run_id=run_id)  # the marker names the last run
+        return res
 
 
-def _write_manifest(manifest: pd.DataFrame, out: Path) -> Path:
-    """``output_dir/manifest.csv``: a manifest given as data, absolute paths, written atomically."""
+def _check_utf8(paths: dict[str, str]) -> None:
+    """Refuse a path that is not valid UTF-8 (Python keeps such bytes as surrogates): it could
+    not be written into config.yaml, run.json or the tables after the work was done."""
+    from daskpath.errors import InvalidInputError
+
+    for what, p in paths.items():
+        try:
+            str(p).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = str(p).encode("utf-8", "backslashreplace").decode("ascii", "replace")
+            raise InvalidInputError(f"{what}: path {shown[:120]} is not valid UTF-8; rename it "
+                                    "(daskpath records paths in UTF-8 tables)") from None
+
+
+def _write_manifest(manifest: pd.DataFrame, out: Path, runset: RunSet) -> Path:
+    """``output_dir/manifest.csv``: a manifest given as data, absolute paths, written atomically
+    into the run's set; returns the user-facing path (which shows it once the run is done)."""
     from daskpath.outputs import write_table
 
-    return write_table(manifest, out / "manifest.csv")
+    write_table(manifest, runset.path("manifest.csv"))
+    return out.absolute() / "manifest.csv"
 
 
-def _write_run_config(cfg: Config, out: Path) -> Path:
+def _write_run_config(cfg: Config, out: Path, runset: RunSet) -> Path:
     """``output_dir/config.yaml``: the validated config of this run, paths made absolute, so
     the folder says what produced it (``daskpath run`` can rerun it; ``daskpath train
-    translator --from-run`` finds the slides)."""
+    translator --from-run`` finds the slides). Part of the run's set."""
     import yaml
 
     from daskpath.outputs import atomic_path
 
     d = cfg.to_dict()
-    d["slides"] = str(Path(cfg.slides).expanduser().resolve())
+    d["slides"] = os.path.abspath(Path(cfg.slides).expanduser())  # not resolved: a link stays
     d["output_dir"] = str(out.resolve())
     if cfg.cache_dir:
         d["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
-    path = out / "config.yaml"
+    path = runset.path("config.yaml")
     tmp = atomic_path(path)
-    tmp.write_text("# written by daskpath run: the configuration of the run in this folder\n"
-                   + yaml.safe_dump(d, sort_keys=False))
+    tmp.write_text(f"# written by daskpath run {runset.run_id}: the configuration of the run "
+                   "in this folder\n" + yaml.safe_dump(d, sort_keys=False))
     os.replace(tmp, path)
     return path
 
 
-def _run_reported(cfg, manifest, out, client, progress, t0, report) -> RunResult:
+def _run_reported(cfg, manifest, out, client, progress, t0, report, runset=None) -> RunResult:
     from daskpath.runner import run_slides
 
     if report is None:
-        return run_slides(cfg, manifest, out, client, progress, t0)
+        return run_slides(cfg, manifest, out, client, progress, t0, runset)
     from distributed import performance_report
 
     Path(report).parent.mkdir(parents=True, exist_ok=True)
     with performance_report(filename=str(report)):
-        return run_slides(cfg, manifest, out, client, progress, t0)
+        return run_slides(cfg, manifest, out, client, progress, t0, runset)

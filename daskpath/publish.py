@@ -1,18 +1,17 @@
-"""Fingerprints, work folders and publication of a run's outputs.
+"""Fingerprints, work folders and publication of a run's outputs as one set.
 
 Every (slide, stage) result is computed under ``output_dir/.daskpath/work/<slide>/<stage>-<fp>/``
 where ``fp`` is the stage's fingerprint (:func:`stage_fingerprint`): the config keys the stage
 depends on, the identity of its input files, the identity of its models, what it reads from its
 upstream stages, and a stage version. The work folder holds the chunk records (resume), the
-stage's artefacts while they are being written, its per-tile table (``part.parquet``) and, once
-complete, ``done.json``. Publishing moves the artefacts to their user-facing names (``layers/``,
-``nuclei/``) and records the published fingerprint in ``.daskpath/state/<slide>.json``; the cohort
-tables, metrics and report are assembled only from the fingerprints of the current run, and
-``run.json`` says which slides and stages are current.
+stage's artefacts, its per-tile table (``part.parquet``) and, once complete, ``done.json``;
+a finished work folder is never changed again.
 
-Publication of one (slide, stage) is journaled: ``state`` is written with ``status: publishing``
-before the first move and ``published`` after the last, so a run killed in between completes
-the moves on the next run instead of recomputing or mixing results.
+A run's outputs form one set (:class:`RunSet`): its tables and report are written into
+``.daskpath/runs/<run_id>/`` beside links to the finished artefacts, and ``.daskpath/current``
+is switched to it with one rename; the names users see in ``output_dir`` are links through
+``current``, so they all change at that instant. A run killed at any moment leaves the previous
+complete set or the new complete set.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ from typing import Any
 
 __all__ = [
     "Artefact",
-    "SlideState",
+    "RunSet",
     "file_identity",
     "model_identity",
     "stage_fingerprint",
@@ -115,6 +115,8 @@ def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
         if key in _ID_CACHE:
             return _ID_CACHE[key]
     ident: dict[str, Any] = {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if not p.is_dir() and not stat.S_ISREG(st.st_mode):
+        return ident  # a FIFO or device: reading it could block forever; the slide check refuses it
     if p.is_dir():
         n = total = latest = 0
         meta = hashlib.sha256()
@@ -239,80 +241,6 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-class SlideState:
-    """Published fingerprints of one slide: ``{stage: {fp, status, record, artefacts}}``.
-
-    Kept in ``output_dir/.daskpath/state/<slide-key>.json``; one writer per slide (the run
-    loop's slide thread).
-    """
-
-    def __init__(self, out: Path, slide: str, key: str):
-        self.out = Path(out)
-        self.slide = slide
-        self.path = internal_dir(out) / "state" / f"{key}.json"
-        self.data: dict[str, Any] = _read_json(self.path) or {}
-
-    def get(self, stage: str) -> dict[str, Any] | None:
-        return self.data.get(stage)
-
-    def save(self) -> None:
-        _write_json(self.path, self.data)
-
-    def is_current(self, stage: str, fp: str, artefacts: Iterable[Artefact]) -> bool:
-        """True when ``stage`` is published under ``fp`` and its artefacts are in place."""
-        st = self.data.get(stage)
-        if not st or st.get("fp") != fp or st.get("status") != "published":
-            return False
-        return all(a.target(self.out, self.slide).exists() for a in artefacts)
-
-    def publish(self, stage: str, fp: str, record: dict, work: Path,
-                artefacts: Iterable[Artefact], info: dict | None = None) -> None:
-        """Move the stage's finished artefacts from ``work`` to their published names.
-
-        Journaled (see module docstring); idempotent, so an interrupted publication is finished
-        by calling it again. Published artefacts of an older fingerprint are replaced. ``info``
-        is kept beside the record (not fingerprinted), e.g. the keep thresholds.
-
-        Raises
-        ------
-        FileNotFoundError
-            An artefact is neither in ``work`` nor published (the stage must run again).
-        """
-        arts = list(artefacts)
-        prev = self.data.get(stage) or {}
-        ours = prev.get("fp") == fp  # published files may already be this result's
-        self.data[stage] = {"fp": fp, "status": "publishing", "record": record, "info": info or {},
-                            "artefacts": [a.relative(self.slide) for a in arts]}
-        self.save()
-        for a in arts:
-            src = work / a.name
-            dst = a.target(self.out, self.slide)
-            if not src.exists():
-                if ours and dst.exists():
-                    continue  # moved by an earlier, interrupted publication
-                self.data[stage] = {**self.data[stage], "fp": None, "status": "incomplete"}  # never current
-                self.save()
-                raise FileNotFoundError(f"{src}: stage {stage} did not write its artefact {a.name}")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            _remove(dst)
-            os.replace(src, dst)
-        self.data[stage]["status"] = "published"
-        self.save()
-
-    def unpublish(self, stage: str) -> list[str]:
-        """Remove a stage's published artefacts (daskpath's own files) and forget the stage."""
-        st = self.data.pop(stage, None)
-        removed = []
-        if st:
-            for rel in st.get("artefacts", []):
-                p = self.out / rel
-                if p.exists() or p.is_symlink():
-                    _remove(p)
-                    removed.append(rel)
-            self.save()
-        return removed
-
-
 def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p)
@@ -329,11 +257,179 @@ def write_done(work: Path, record: dict[str, Any]) -> None:
     _write_json(Path(work) / "done.json", record)
 
 
-def prune_work(slide_dir: Path, keep: Iterable[str]) -> None:
-    """Remove a slide's work folders other than ``keep`` (names like ``nuclei-<fp>``)."""
-    keep = set(keep)
-    if not slide_dir.is_dir():
-        return
-    for d in slide_dir.iterdir():
-        if d.is_dir() and d.name not in keep:
-            shutil.rmtree(d, ignore_errors=True)
+# --------------------------------------------------------------------------------------------
+# a run's outputs as one set
+# --------------------------------------------------------------------------------------------
+def _link(link: Path, target: Path) -> None:
+    """Make ``link`` a relative symlink to ``target``, atomically (replacing a link or file)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(target, link.parent)
+    tmp = link.with_name(f".{link.name}.link-{os.getpid()}-{threading.get_ident()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(rel, tmp)
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)  # a folder of daskpath's older layout, under one of daskpath's names
+    os.replace(tmp, link)
+
+
+def _points_into(link: Path, base: Path) -> bool:
+    """``link`` is a symlink whose target lies under ``base``."""
+    if not link.is_symlink():
+        return False
+    target = Path(os.path.normpath(link.parent / os.readlink(link)))
+    try:
+        target.relative_to(Path(os.path.normpath(base)))
+    except ValueError:
+        return False
+    return True
+
+
+class RunSet:
+    """The outputs of one run, built aside and switched in as one set.
+
+    A run writes its tables and report into ``.daskpath/runs/<run_id>/`` and links each
+    published artefact there to its finished (immutable) work folder. :meth:`commit` then
+    points ``.daskpath/current`` at the run (one atomic ``rename`` of a symlink). Every
+    user-facing name (``tiles.parquet``, ``layers/<slide>.zarr``, ...) is a relative symlink
+    to ``.daskpath/current/<name>``, so all of them change at that one rename: a folder
+    killed at any moment shows the previous complete set or the new complete set, never a mix.
+    Nothing in a run folder or a finished work folder is modified after it is referenced.
+
+    Parameters
+    ----------
+    out : path-like
+        The run's ``output_dir`` (already claimed, see :mod:`daskpath.ownership`).
+    run_id : str
+        This run's id (the folder name under ``.daskpath/runs``).
+    """
+
+    def __init__(self, out: str | os.PathLike[str], run_id: str) -> None:
+        self.out = Path(out)
+        self.run_id = run_id
+        self.root = internal_dir(self.out) / "runs" / run_id
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.names: list[str] = []
+        self.work_dirs: set[Path] = set()
+
+    # the previous set --------------------------------------------------------------------
+    @staticmethod
+    def current_dir(out: str | os.PathLike[str]) -> Path | None:
+        """The run folder ``.daskpath/current`` points at, or None before the first run."""
+        link = internal_dir(Path(out)) / "current"
+        if not link.is_symlink():
+            return None
+        d = Path(os.path.normpath(link.parent / os.readlink(link)))
+        return d if d.is_dir() else None
+
+    @classmethod
+    def previous(cls, out: str | os.PathLike[str]) -> dict[str, Any]:
+        """``run.json`` of the current set (``{}`` before the first run; a folder of the older
+        layout, with a plain ``run.json``, gives that one)."""
+        d = cls.current_dir(out)
+        if d is not None:
+            return _read_json(d / "run.json") or {}
+        legacy = Path(out) / "run.json"
+        if legacy.is_file() and not legacy.is_symlink():
+            return _read_json(legacy) or {}
+        return {}
+
+    @classmethod
+    def previous_state(cls, out: str | os.PathLike[str]) -> dict[str, Any]:
+        """Per slide and stage, the fingerprint record and keep thresholds of the current set
+        (``{slide: {stage: {fp, record, info, ...}}}``), for the "what changed" line."""
+        d = cls.current_dir(out)
+        if d is not None:
+            return _read_json(d / "state.json") or {}
+        legacy = internal_dir(Path(out)) / "state"  # older layout: keyed by slide_key
+        if legacy.is_dir():
+            return {f.stem: _read_json(f) or {} for f in legacy.glob("*.json")}
+        return {}
+
+    # building ----------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """Where this run writes the output ``name`` (relative to ``output_dir``)."""
+        p = self.root / name
+        if os.path.isabs(name) or ".." in Path(name).parts:
+            raise ValueError(f"output name {name!r} would leave output_dir")
+        if name not in self.names:
+            self.names.append(name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def add_artefact(self, name: str, work_item: Path) -> None:
+        """Publish ``work_item`` (in a finished work folder) as ``name`` in this set."""
+        if not work_item.exists():
+            raise FileNotFoundError(f"{work_item}: a finished stage's artefact is missing")
+        _link(self.path(name), work_item)
+        self.work_dirs.add(work_item.parent)
+
+    # switching ---------------------------------------------------------------------------
+    def commit(self, previous_names: Iterable[str] = ()) -> None:
+        """Switch ``output_dir`` to this set (see the class docstring for the order)."""
+        internal = internal_dir(self.out)
+        current = internal / "current"
+        legacy_layout = not current.is_symlink()  # files of an older daskpath, not links
+        _crash_point("before-links")
+        # 1. user-facing links for every name (new names dangle until the switch: nothing
+        #    shows up before it); a file of daskpath's older layout is replaced after it
+        later = []
+        for name in self.names:
+            user = self.out / name
+            if user.is_symlink() or not user.exists():
+                if not _points_into(user, current):
+                    _link(user, current / name)
+            else:
+                later.append(name)
+        _crash_point("before-switch")
+        # 2. the switch
+        tmp = internal / f".current.{self.run_id}"
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(os.path.relpath(self.root, internal), tmp)
+        os.replace(tmp, current)
+        _crash_point("after-switch")
+        # 3. tidy: older-layout files under our names, names the new set no longer has
+        for name in later:
+            _link(self.out / name, current / name)
+        keep = set(self.names)
+        for name in previous_names:
+            user = self.out / name
+            if name in keep:
+                continue
+            if _points_into(user, current):
+                user.unlink()
+                _remove_empty_parents(user.parent, self.out)
+            elif legacy_layout and (user.exists() and not user.is_symlink()):
+                _remove(user)  # listed in the older layout's run.json: daskpath wrote it
+        legacy = internal / "state"
+        if legacy.is_dir():  # the per-slide publication journal of the older layout
+            for f in legacy.glob("*.json"):
+                for st in (_read_json(f) or {}).values():
+                    for rel in (st or {}).get("artefacts", []) if isinstance(st, dict) else []:
+                        p = self.out / rel
+                        if rel not in keep and p.exists() and not p.is_symlink():
+                            _remove(p)  # published by daskpath under its own name
+            shutil.rmtree(legacy, ignore_errors=True)
+        for d in (internal / "runs").iterdir():
+            if d.name != self.run_id:
+                _crash_point("mid-tidy")
+                shutil.rmtree(d, ignore_errors=True)
+        _crash_point("after-commit")
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the kill-anywhere tests: ``DASKPATH_CRASH_AT=<name>`` kills this
+    process (SIGKILL, as a lost node would) when the publication reaches ``name``."""
+    if os.environ.get("DASKPATH_CRASH_AT") == name:
+        import signal
+
+        if os.getpgrp() == os.getpid():  # a process group of its own: its workers die too
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _remove_empty_parents(d: Path, stop: Path) -> None:
+    while d != stop and d.is_dir() and not any(d.iterdir()):
+        d.rmdir()
+        d = d.parent

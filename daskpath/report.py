@@ -212,11 +212,15 @@ def write_report(
     failures: pd.DataFrame,
     cfg: Config,
     metrics: dict | None = None,
+    run_id: str | None = None,
 ) -> Path:
     """Write ``output_dir/report.html`` (atomically) and return its path.
 
-    ``metrics`` is the content of ``metrics.json`` (predictor scores), when there is one.
+    ``metrics`` is the content of ``metrics.json`` (predictor scores), when there is one;
+    ``run_id`` names the run the report belongs to (as ``run.json`` does).
     """
+    from daskpath import __version__
+
     out = Path(output_dir)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>daskpath report</title>",
@@ -224,6 +228,8 @@ def write_report(
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
         "th{background:#eee}.fail{color:#b00}img{max-width:100%}</style></head><body>",
         "<h1>daskpath report</h1>",
+        f"<p class='run'>run {html.escape(run_id or 'unknown')} &middot; daskpath "
+        f"{html.escape(__version__)}</p>",
         f"<p>{len(slides)} slide(s) done, {len(failures)} failed; {len(tiles)} tiles, "
         f"{int(tiles['keep'].sum()) if len(tiles) else 0} kept "
         f"(tissue &ge; {cfg.tiles.min_tissue}, SSIM &ge; {cfg.ssim.threshold}, "

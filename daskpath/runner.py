@@ -36,12 +36,12 @@ from daskpath.config import Config
 from daskpath.errors import DaskpathError
 from daskpath.outputs import read_table, round_floats, write_json, write_table
 from daskpath.publish import (
-    SlideState,
+    RunSet,
+    _crash_point,
     describe_changes,
     file_identity,
     internal_dir,
     model_identity,
-    prune_work,
     read_done,
     slide_key,
     stage_fingerprint,
@@ -97,6 +97,10 @@ class SlideOutcome:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     failure: dict[str, str] | None = None
     message: str = ""
+    #: per stage: fingerprint record, keep thresholds, work folder, {published name: work item}
+    state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: work folders this run used for the slide (kept by the pruning, done or not)
+    work_dirs: list[Path] = field(default_factory=list)
 
 
 #: Seconds between two progress lines when stderr is not a terminal (a log file, a pipe);
@@ -242,6 +246,14 @@ def input_identity(he: str | Path, ihc: str | Path) -> dict[str, Any]:
     return {"he": file_identity(he), "ihc": file_identity(ihc)}
 
 
+def check_models(cfg: Config) -> None:
+    """Resolve and hash every model the configured stages need (a ModelError names the bad
+    one), so a mistyped model path stops the run before any slide starts."""
+    for n in stage_names():
+        if n in cfg.stages:
+            model_identities(get_stage(n), cfg)
+
+
 def model_identities(st: Stage, cfg: Config) -> dict[str, Any]:
     """The model part of ``st``'s fingerprint (resolving the models checks them: ModelError)."""
     return {k: model_identity(p, name) for k, (p, name) in st.models(cfg).items()}
@@ -253,25 +265,49 @@ def fingerprint_of(st: Stage, ctx: SlideContext, inputs: dict[str, Any],
     return stage_fingerprint(st.name, st.version, st.keys(ctx.cfg), inputs, models, st.upstream(ctx))
 
 
+def _work_dir(work_root: Path, name: str, fp: str, run_id: str, arts, overwrite: bool
+              ) -> tuple[Path, bool]:
+    """The work folder of stage ``name`` under fingerprint ``fp``, and whether it is finished.
+
+    A finished folder (``done.json``, ``part.parquet``, every artefact) is reused; an
+    unfinished one is resumed. Finished folders are never changed (a published set may point
+    into them): a recompute (``overwrite``, or a finished folder that lost an artefact) gets a
+    new folder ``<name>-<fp>.<run_id>``; the pruning after the switch removes the old one.
+    """
+    base = f"{name}-{fp}"
+    cands = [d for d in sorted(work_root.glob(base + "*"))
+             if d.is_dir() and (d.name == base or d.name.startswith(base + "."))]
+    if not overwrite:
+        for d in cands:
+            if (read_done(d) is not None and (d / "part.parquet").exists()
+                    and all((d / a.name).exists() for a in arts)):
+                return d, True
+        for d in cands:
+            if read_done(d) is None:
+                return d, False
+    fresh = work_root / base
+    return (fresh if not fresh.exists() else work_root / f"{base}.{run_id}"), False
+
+
 def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, out: Path, client,
-               stop: threading.Event, progress: _Progress, lock: Any) -> SlideOutcome:
+               stop: threading.Event, progress: _Progress, lock: Any, prev_state: dict[str, Any],
+               run_id: str) -> SlideOutcome:
     slide = row.slide
     res = SlideOutcome(slide)
     key = slide_key(slide)
-    state = SlideState(out, slide, key)
+    previous = prev_state.get(slide) or prev_state.get(key) or {}
     work_root = internal_dir(out) / "work" / key
     ctx = _LockedContext(slide=slide, he=row.he, ihc=row.ihc, cfg=cfg, out=out, client=client,
                          stop=stop, on_chunks=progress.chunks)
     ctx._announced = {}
     ctx._lock = lock
-    inputs = input_identity(row.he, row.ihc)
     info = {"tiles.min_tissue": cfg.tiles.min_tissue, "ssim.threshold": cfg.ssim.threshold}
     recomputed, reused, changes, first = [], [], [], True
-    current_dirs = []
     stage = "open"
     locked = False
     try:
         ctx.pair()  # outside the build lock: ingesting a flat raster may take minutes
+        inputs = input_identity(row.he, row.ihc)  # after pair(): the files are checked slides
         lock.acquire()
         locked = True
         for st in stages:
@@ -281,13 +317,11 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
                 raise Interrupted("interrupted")
             fp, record = fingerprint_of(st, ctx, inputs, models[st.name])
             ctx.fps[st.name] = fp
-            work = work_root / f"{st.name}-{fp}"
-            current_dirs.append(work.name)
             arts = st.artefacts(cfg)
-            prev = state.get(st.name)
+            work, done = _work_dir(work_root, st.name, fp, run_id, arts, cfg.overwrite)
+            res.work_dirs.append(work)
+            prev = previous.get(st.name)
             part_path = work / "part.parquet"
-            done = (not cfg.overwrite and read_done(work) is not None and part_path.exists()
-                    and _published(state, st.name, fp, record, work, arts, info))
             if done:
                 part = read_table(part_path)
                 reused.append(st.name)
@@ -299,28 +333,27 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
                     changes += diff
                     if "kept tiles" in diff:
                         changes += [k for k, v in info.items() if (prev.get("info") or {}).get(k) != v]
-                if cfg.overwrite or read_done(work) is not None:
-                    shutil.rmtree(work, ignore_errors=True)  # a finished result we cannot use
                 work.mkdir(parents=True, exist_ok=True)
                 ctx.work = work
                 part = st.run(ctx)
+                missing = [a.name for a in arts if not (work / a.name).exists()]
+                if missing:
+                    raise DaskpathError(f"stage {st.name} did not write {', '.join(missing)} "
+                                        f"in {work}")
                 write_table(part, part_path)
                 write_done(work, record)
-                state.publish(st.name, fp, record, work, arts, info=info)
                 shutil.rmtree(work / "chunks", ignore_errors=True)
                 c = ctx.counts.get(st.name)
                 res.stages[st.name] = {"fp": fp, "recomputed": True,
                                        "chunks": c.total if c else 0, "chunks_resumed": c.done if c else 0}
                 recomputed.append(st.name)
+            res.state[st.name] = {
+                "fp": fp, "record": record, "info": info,
+                "work": os.path.relpath(work, internal_dir(out)),
+                "artefacts": {a.relative(slide): a.name for a in arts},
+            }
             ctx.parts[st.name] = part
             res.parts[st.name] = part
-        # stages of an earlier run that this run does not have: nothing may claim to be current
-        names = {s.name for s in stages}
-        for name in [n for n in state.data if n not in names]:
-            removed = state.unpublish(name)
-            if removed:
-                log.info("slide %s: stage %s not in this run: removed %s", slide, name, ", ".join(removed))
-        prune_work(work_root, current_dirs)
         res.message = _change_line(slide, recomputed, changes, first, reused, cfg.overwrite)
         log.info("%s", res.message)
     except Interrupted:
@@ -339,29 +372,24 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
     return res
 
 
-def _published(state: SlideState, stage: str, fp: str, record: dict, work: Path, arts, info) -> bool:
-    """True when the finished result in ``work`` is (or could now be made) the published one.
-
-    A result finished but not (fully) published, by a run killed in between, is published here
-    instead of being computed again. False when an artefact is gone from both places.
-    """
-    if state.is_current(stage, fp, arts):
-        return True
-    try:
-        state.publish(stage, fp, record, work, arts, info=info)
-    except FileNotFoundError:
-        return False
-    return True
+def new_run_id() -> str:
+    """A run id: start time plus a random suffix (sorts by time, unique across hosts)."""
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: float) -> RunResult:
-    """Run the configured stages over the manifest's slides and assemble the tables."""
+def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: float,
+               runset: RunSet | None = None) -> RunResult:
+    """Run the configured stages over the manifest's slides, assemble the tables into the
+    run's set (``runset``; a new one by default) and switch ``out`` to it."""
     stages = [get_stage(n) for n in stage_names() if n in cfg.stages]
     # model paths etc. are checked before any slide is touched; model files hashed once
     models: dict[str, dict] = {}
     for st in stages:
         models[st.name] = model_identities(st, cfg)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    if runset is None:
+        runset = RunSet(out, new_run_id())
+    run_id = runset.run_id
+    previous = RunSet.previous_state(out)
     started = time.time()
     from daskpath.cluster import model_annotations
 
@@ -377,7 +405,8 @@ def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress,
     prog = _Progress(progress, len(manifest))
     outcomes: dict[str, SlideOutcome] = {}
     pool = cf.ThreadPoolExecutor(max_workers=window, thread_name_prefix="daskpath-slide")
-    futs = {pool.submit(_run_slide, row, stages, models, cfg, out, client, stop, prog, lock): row.slide
+    futs = {pool.submit(_run_slide, row, stages, models, cfg, out, client, stop, prog, lock,
+                        previous, run_id): row.slide
             for row in manifest.itertuples(index=False)}
     try:
         pending = set(futs)
@@ -393,12 +422,23 @@ def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress,
         raise
     pool.shutdown(wait=True)
     prog.close()
-    return _assemble(cfg, manifest, out, stages, outcomes, t0, run_id, started)
+    return _assemble(cfg, manifest, out, stages, outcomes, t0, runset, started)
 
 
 def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage],
-              outcomes: dict[str, SlideOutcome], t0: float, run_id: str, started: float) -> RunResult:
-    """Cohort tables from the current run's parts only; metrics, run.json, report."""
+              outcomes: dict[str, SlideOutcome], t0: float, runset: RunSet,
+              started: float) -> RunResult:
+    """Cohort tables from the current run's parts only; metrics, run.json, report; all into the
+    run's set, which then replaces the previous one at once (:class:`RunSet`)."""
+    run_id = runset.run_id
+    previous_names = list(RunSet.previous(out).get("outputs") or [])
+    for slide in manifest["slide"]:  # the finished artefacts of every slide that made it
+        o = outcomes.get(slide)
+        if o is None or o.failure is not None:
+            continue
+        for st in o.state.values():
+            for name, item in st["artefacts"].items():
+                runset.add_artefact(name, internal_dir(out) / st["work"] / item)
     from daskpath.stages.preprocess import TILE_COLUMNS, keep_mask
 
     parts, rows, failures = [], [], []
@@ -421,10 +461,11 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage
         rows.append(row)
     tiles = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TILE_COLUMNS)
     slides = pd.DataFrame(rows)
-    write_table(tiles, out / "tiles.parquet")
-    write_table(round_floats(slides), out / "slides.csv")  # 6 significant digits: for people
+    tiles.attrs["daskpath_run_id"] = run_id  # kept in the parquet metadata: the run it belongs to
+    write_table(tiles, runset.path("tiles.parquet"))
+    # 6 significant digits: for people
+    write_table(round_floats(slides), runset.path("slides.csv"))
     metrics = None
-    mpath = out / "metrics.json"
     if "ratio_ihc" in tiles.columns:
         from daskpath.metrics import score_table
 
@@ -450,20 +491,26 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage
             "n_slides": int(len(slides)),
             "run_id": run_id,
         }
-        write_json(metrics, mpath)
-    elif mpath.exists():
-        mpath.unlink()  # scores of stages this run does not have
+        write_json(metrics, runset.path("metrics.json"))
     fail_df = pd.DataFrame(failures, columns=["slide", "stage", "error"])
-    fpath = out / "failures.csv"
     if failures:
-        write_table(fail_df, fpath)
-    elif fpath.exists():
-        fpath.unlink()
+        write_table(fail_df, runset.path("failures.csv"))
     stage_info = {s: o.stages for s, o in outcomes.items()}
     total = sum(v.get("chunks", 0) for st in stage_info.values() for v in st.values())
     resumed = sum(v.get("chunks_resumed", 0) for st in stage_info.values() for v in st.values())
     from daskpath import __version__
 
+    try:
+        from daskpath.report import write_report
+
+        write_report(runset.root, tiles, slides, fail_df, cfg, metrics, run_id=run_id)
+        runset.path("report.html")
+    except ImportError as e:  # matplotlib is optional (extra "report")
+        log.warning("report.html not written: %s (pip install 'daskpath[report]')", e)
+    # fingerprints of what this set holds: the next run says what changed against them
+    write_json({s: o.state for s, o in outcomes.items() if o.failure is None},
+               runset.root / "state.json")
+    runset.path("run.json")  # written last, listing every name of the set (itself included)
     write_json({
         "run_id": run_id,
         "daskpath_version": __version__,
@@ -474,30 +521,33 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage
         "slides": {s: {"status": "failed" if o.failure else "ok", "stages": o.stages,
                        **({"failure": o.failure} if o.failure else {}), "message": o.message}
                    for s, o in outcomes.items()},
-        "outputs": _published_files(out, outcomes, stages),
-    }, out / "run.json")
-    try:
-        from daskpath.report import write_report
-
-        write_report(out, tiles, slides, fail_df, cfg, metrics)
-    except ImportError as e:  # matplotlib is optional (extra "report")
-        log.warning("report.html not written: %s (pip install 'daskpath[report]')", e)
+        "outputs": sorted(runset.names),
+    }, runset.root / "run.json")
+    _crash_point("assembled")
+    runset.commit(previous_names)  # the switch: out/ now shows this set, all of it at once
+    _prune(out, manifest, outcomes, runset)
     return RunResult(out, tiles, slides, fail_df, time.perf_counter() - t0,
                      chunks_computed=total - resumed, chunks_total=total, stages=stage_info)
 
 
-def _published_files(out: Path, outcomes: dict[str, SlideOutcome], stages: list[Stage]) -> list[str]:
-    """Files of this run: the tables plus every published artefact of its slides and stages."""
-    files = ["tiles.parquet", "slides.csv", "report.html"]
-    if (out / "metrics.json").exists():
-        files.append("metrics.json")
-    if (out / "failures.csv").exists():
-        files.append("failures.csv")
-    for slide, o in outcomes.items():
-        if o.failure:
+def _prune(out: Path, manifest: pd.DataFrame, outcomes: dict[str, SlideOutcome],
+           runset: RunSet) -> None:
+    """After the switch: remove work folders neither the current set nor this run uses (a
+    failed or interrupted slide keeps what it computed, to resume), and those of slides the
+    manifest no longer has."""
+    work = internal_dir(out) / "work"
+    if not work.is_dir():
+        return
+    keep = {p.resolve() for p in runset.work_dirs}
+    for o in outcomes.values():
+        keep |= {p.resolve() for p in o.work_dirs}
+    slides = {slide_key(s) for s in manifest["slide"]}
+    for slide_dir in work.iterdir():
+        if not slide_dir.is_dir():
             continue
-        st = SlideState(out, slide, slide_key(slide))
-        for s in stages:
-            files += (st.get(s.name) or {}).get("artefacts", [])
-    return files
-
+        if slide_dir.name not in slides:
+            shutil.rmtree(slide_dir, ignore_errors=True)
+            continue
+        for d in slide_dir.iterdir():
+            if d.is_dir() and d.resolve() not in keep:
+                shutil.rmtree(d, ignore_errors=True)

@@ -537,6 +537,12 @@ def test_kubernetes_tls_mounts_the_secret_and_speaks_tls(tmp_path):
         assert "--tls-ca-file=/etc/daskpath/tls/ca.pem" in args and "--tls-key=/etc/daskpath/tls/key.pem" in args
     sched = docs[0]["spec"]["scheduler"]["spec"]["containers"][0]["args"]
     assert "--protocol=tls" in sched
+    for pod in list(_pods(docs))[1:]:  # workers dial the scheduler Service over TLS
+        assert pod["containers"][0]["args"][1] == "tls://daskpath-scheduler:8786"
+    with pytest.raises(DaskpathError, match="cluster.kind: address"):
+        with connect(load_config(None, ["cluster.kind=kubernetes", "cluster.security.kind=tls",
+                                        f"cluster.security.dir={tmp_path / 'tls'}"]).cluster):
+            pass
 
 
 def test_kubernetes_builtin_template_matches_operator_package():

@@ -100,7 +100,7 @@ def _expected(row_stages, clean, baseline):
 def _check_row(pair, baseline, dask_client, tmp_path, extra, row_stages, cause, caplog,
                prepare=None):
     out = tmp_path / "rerun"
-    shutil.copytree(baseline.output_dir, out)
+    shutil.copytree(baseline.output_dir, out, symlinks=True)
     if prepare is not None:
         prepare(out)
     clean = run(_cfg(pair, tmp_path / "clean", *extra), client=dask_client)
@@ -197,7 +197,7 @@ def test_slide_replaced_under_the_same_name(pair, baseline, dask_client, tmp_pat
 
 def test_rerun_unchanged_recomputes_nothing(pair, baseline, dask_client, tmp_path, caplog):
     out = tmp_path / "same"
-    shutil.copytree(baseline.output_dir, out)
+    shutil.copytree(baseline.output_dir, out, symlinks=True)
     with caplog.at_level("INFO", logger="daskpath.pipeline"):
         res = run(_cfg(pair, out), client=dask_client)
     assert res.recomputed("synth000") == [] and res.chunks_computed == 0
@@ -207,7 +207,7 @@ def test_rerun_unchanged_recomputes_nothing(pair, baseline, dask_client, tmp_pat
 
 def test_fewer_stages_leave_nothing_claiming_to_be_current(pair, baseline, dask_client, tmp_path):
     out = tmp_path / "fewer"
-    shutil.copytree(baseline.output_dir, out)
+    shutil.copytree(baseline.output_dir, out, symlinks=True)
     res = run(_cfg(pair, out, "stages=[preprocess]"), client=dask_client)
     assert res.ok and res.recomputed("synth000") == []
     assert not (out / "metrics.json").exists()

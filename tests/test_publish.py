@@ -13,7 +13,6 @@ from daskpath.config import load_config
 from daskpath.pipeline import run
 from daskpath.publish import (
     Artefact,
-    SlideState,
     describe_changes,
     file_identity,
     internal_dir,
@@ -81,69 +80,6 @@ def finished(synth_cohort, dask_client, tmp_path):
     res = run(cfg, client=dask_client)
     assert res.ok
     return cfg, res
-
-
-def _state(out, slide):
-    return SlideState(out, slide, slide_key(slide))
-
-
-def test_killed_after_finishing_before_publishing_publishes_without_recomputing(finished, dask_client):
-    cfg, first = finished
-    out = first.output_dir
-    slide = first.slides.slide[0]
-    st = _state(out, slide)
-    entry = st.get("preprocess")
-    work = internal_dir(out) / "work" / slide_key(slide) / f"preprocess-{entry['fp']}"
-    # the state of a run killed after done.json was written, before the layers moved
-    os.replace(out / "layers" / f"{slide}.zarr", work / "layers.zarr")
-    st.data.pop("preprocess")
-    st.save()
-    res = run(cfg, client=dask_client)
-    assert res.recomputed(slide) == [] and res.chunks_computed == 0
-    assert (out / "layers" / f"{slide}.zarr").is_dir() and not (work / "layers.zarr").exists()
-    assert _state(out, slide).get("preprocess")["status"] == "published"
-    pd.testing.assert_frame_equal(res.tiles, first.tiles)
-
-
-def test_killed_mid_publication_finishes_the_moves(finished, dask_client):
-    cfg, first = finished
-    out = first.output_dir
-    slide = first.slides.slide[1]
-    st = _state(out, slide)
-    st.data["preprocess"]["status"] = "publishing"  # moves done, final state not written
-    st.save()
-    res = run(cfg, client=dask_client)
-    assert res.recomputed(slide) == []
-    assert _state(out, slide).get("preprocess")["status"] == "published"
-    pd.testing.assert_frame_equal(res.tiles, first.tiles)
-
-
-def test_a_published_file_deleted_by_hand_is_recomputed(finished, dask_client):
-    cfg, first = finished
-    out = first.output_dir
-    slide = first.slides.slide[0]
-    shutil.rmtree(out / "layers" / f"{slide}.zarr")
-    res = run(cfg, client=dask_client)
-    assert res.recomputed(slide) == ["preprocess"]
-    assert (out / "layers" / f"{slide}.zarr").is_dir()
-    pd.testing.assert_frame_equal(res.tiles, first.tiles, check_exact=False, atol=1e-12)
-
-
-def test_publish_refuses_a_stale_file_it_did_not_move(tmp_path):
-    """An artefact missing from the work folder is not replaced by an older published one."""
-    out = tmp_path / "out"
-    (out / "layers").mkdir(parents=True)
-    (out / "layers" / "s.zarr").mkdir()  # published by an older fingerprint
-    st = SlideState(out, "s", "s")
-    st.data["preprocess"] = {"fp": "old", "status": "published", "record": {}, "artefacts": ["layers/s.zarr"]}
-    work = tmp_path / "work"
-    work.mkdir()
-    arts = [Artefact("layers.zarr", "layers/{slide}.zarr")]
-    with pytest.raises(FileNotFoundError):
-        st.publish("preprocess", "new", {}, work, arts)
-    assert not SlideState(out, "s", "s").is_current("preprocess", "new", arts)
-    with pytest.raises(FileNotFoundError):  # and not on a second try either
-        st.publish("preprocess", "new", {}, work, arts)
 
 
 def test_slide_names_are_data_not_paths(synth_cohort, dask_client, tmp_path):

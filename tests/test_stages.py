@@ -131,7 +131,7 @@ def test_rerun_with_more_kept_tiles_measures_them(full_run, synth_cohort, dask_c
     import shutil
 
     out = tmp_path / "out"
-    shutil.copytree(full_run.output_dir, out)
+    shutil.copytree(full_run.output_dir, out, symlinks=True)
     before = full_run.tiles
     cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={out}", "tiles.size=512", "chunk_size=512",
                              "tiles.min_tissue=0.05", "ssim.threshold=0", "stages=[preprocess,nuclei]"])
