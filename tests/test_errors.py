@@ -84,13 +84,13 @@ def _open_garbage(tmp: Path):
 def _open_bad_chunk_size(tmp: Path):
     from daskpath.io import open_slide
 
-    open_slide(_tiled_tiff(tmp / "a.tif", (32, 32)), chunk_size=0)
+    open_slide(_tiled_tiff(tmp / "a.tif", (64, 64)), chunk_size=0)
 
 
 def _pair_mismatch(tmp: Path):
     from daskpath.io import open_pair
 
-    open_pair(_tiled_tiff(tmp / "he.tif", (32, 32)), _tiled_tiff(tmp / "ihc.tif", (32, 48)))
+    open_pair(_tiled_tiff(tmp / "he.tif", (64, 64)), _tiled_tiff(tmp / "ihc.tif", (64, 96)))
 
 
 def _manifest_missing(tmp: Path):
