@@ -156,7 +156,7 @@ def _print_result(res) -> None:
     print(f"\noutputs in {res.output_dir}/ ({', '.join(names)}) in {res.seconds:.1f} s ({done})")
     report = res.output_dir / "report.html"
     if report.exists():
-        print(f"report: {report.resolve()}")
+        print(f"report: {report.absolute()}")  # the link in output_dir, not the run folder
     if not res.failures.empty:
         print(f"{len(res.failures)} slide(s) failed, see {res.output_dir / 'failures.csv'}:",
               file=sys.stderr)

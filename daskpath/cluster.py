@@ -707,6 +707,18 @@ class _ClosingWorkerFilter(logging.Filter):
         return record.levelno >= logging.ERROR or not closing
 
 
+def warm_imports() -> None:
+    """Import the modules tasks use (zarr, numcodecs, tifffile, tiffslide) in one thread, so a
+    worker's threads never race on a partially initialised module."""
+    import importlib
+
+    for name in ("numcodecs", "zarr", "zarr.core.array", "zarr.storage", "tifffile", "tiffslide"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - an optional reader missing is the task's business
+            pass
+
+
 def dask_setup(worker) -> None:
     """Dask preload hook, run in each worker process of a local cluster that :func:`connect`
     starts, so that the driver, not a signal, stops the workers.
@@ -732,7 +744,13 @@ def dask_setup(worker) -> None:
 
     Does nothing in the driver's own process (``LocalCluster(processes=False)``: its worker
     threads share the driver's signal handlers and loggers).
+
+    It also imports zarr and the image readers once, before any task runs: two threads of a
+    worker importing zarr at the same moment (a task and the deserialisation of the next one)
+    can see a half-initialised ``zarr.core.array`` ("cannot import name ... partially initialized
+    module"), and the task then fails or its deserialisation is lost.
     """
+    warm_imports()
     if multiprocessing.parent_process() is None:
         return
     from daskpath._logging import quiet_chatty_loggers

@@ -26,6 +26,9 @@ def dask_client():
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", host="127.0.0.1"
     ) as cluster, Client(cluster) as client:
+        from daskpath.cluster import warm_imports
+
+        client.run(warm_imports)  # as the preload of daskpath's own clusters does
         yield client
 
 
