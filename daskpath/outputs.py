@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 __all__ = ["atomic_path", "format_number", "round_floats", "write_table", "read_table",
-           "write_json", "replace_dir"]
+           "write_json"]
 
 #: Significant digits of the floats in ``slides.csv`` (SSIM, ratios, mpp, areas): more than
 #: any of them is measured to (``0.49797074999999996`` is written ``0.497971``).
@@ -101,12 +100,3 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
     return obj
-
-
-def replace_dir(tmp: Path, final: Path) -> Path:
-    """Move a finished directory ``tmp`` to ``final``, replacing an older one."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final

@@ -143,9 +143,9 @@ def claim_folder(folder: str | os.PathLike[str], *, force: bool = False, made_by
         "taken_over": old.get("taken_over", bool(not owned and force and _entries(f) != [".daskpath"])),
         "last_run": run_id or old.get("last_run"),
     }
-    tmp = f / MARKER.with_name(f"owner.json.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, f / MARKER)
+    from daskpath.outputs import write_json
+
+    write_json(record, f / MARKER)
     return f.resolve()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daskpath.config import Config
-from daskpath.ownership import FolderLock, check_folder, claim_folder
+from daskpath.ownership import FolderLock, claim_folder
 from daskpath.publish import RunSet
 from daskpath.runner import RunResult, check_models, new_run_id
 from daskpath.stages.preprocess import (

@@ -12,10 +12,8 @@ import pytest
 from daskpath.config import load_config
 from daskpath.pipeline import run
 from daskpath.publish import (
-    Artefact,
     describe_changes,
     file_identity,
-    internal_dir,
     model_identity,
     stage_fingerprint,
 )
@@ -73,19 +71,9 @@ def test_slide_keys_are_safe_and_distinct():
     assert "/" not in k1 + k2 and not k1.startswith(".") and k1 != k2
 
 
-@pytest.fixture()
-def finished(synth_cohort, dask_client, tmp_path):
-    cfg = load_config(None, [f"slides={synth_cohort}", f"output_dir={tmp_path / 'out'}",
-                             "stages=[preprocess]"])
-    res = run(cfg, client=dask_client)
-    assert res.ok
-    return cfg, res
-
-
 def test_slide_names_are_data_not_paths(synth_cohort, dask_client, tmp_path):
     """A slide id like ``../../victim/data`` is refused before any work, and nothing is written
     anywhere (the victim's files stay as they were)."""
-    import pandas as pd
 
     from daskpath.errors import ManifestError
 
