@@ -63,6 +63,15 @@ class SsimConfig:
 
 
 @dataclass(frozen=True)
+class RegistrationConfig:
+    """Per-tile registration refinement (:mod:`daskpath.registration`)."""
+
+    enabled: bool = True
+    max_shift: int = 64
+    min_tissue: float = 0.1
+
+
+@dataclass(frozen=True)
 class NucleiConfig:
     model: str = "phantom"
     method: str = "nucleus"
@@ -188,6 +197,7 @@ class Config:
     tiles: TilesConfig = field(default_factory=TilesConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
     ssim: SsimConfig = field(default_factory=SsimConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     nuclei: NucleiConfig = field(default_factory=NucleiConfig)
     translate: TranslateConfig = field(default_factory=TranslateConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
@@ -431,6 +441,10 @@ def _check(cfg: Config) -> None:
         raise bad("ssim.sigma", cfg.ssim.sigma, "must be > 0 (design: 1.5)")
     if cfg.ssim.dtype not in ("float32", "float64"):
         raise bad("ssim.dtype", cfg.ssim.dtype, "float32 or float64")
+    if not 0 <= cfg.registration.max_shift <= 1024:
+        raise bad("registration.max_shift", cfg.registration.max_shift, "use 0..1024 px")
+    if not 0.0 <= cfg.registration.min_tissue <= 1.0:
+        raise bad("registration.min_tissue", cfg.registration.min_tissue, "a fraction in [0, 1]")
     if not 0 < cfg.tissue.threshold < 3:
         raise bad("tissue.threshold", cfg.tissue.threshold, "an optical density in (0, 3)")
     if cfg.tissue.sigma < 0:

@@ -211,7 +211,9 @@ def tile_table(
     -------
     pandas.DataFrame
         One row per tile, row-major: ``slide, y0, x0, height, width, tissue_fraction,
-        tissue_fraction_he, tissue_fraction_ihc, ssim, keep`` (the columns of ``tiles.parquet``
+        tissue_fraction_he, tissue_fraction_ihc, ssim, ssim_rigid, dy, dx, registered, keep``
+        (with ``registration.enabled``, the candidate tiles' alignment is refined in one
+        extra task, as :mod:`daskpath.registration` describes) (the columns of ``tiles.parquet``
         before the model stages add theirs). ``tiles[tiles.keep]`` is what the model stages
         segment, and what :func:`daskpath.measure_nuclei` takes as ``region``.
 
@@ -274,7 +276,31 @@ def tile_table(
     n_ty, n_tx = -(-shape[0] // cfg.tiles.size), -(-shape[1] // cfg.tiles.size)
     sums = dask.delayed(combine_sums, pure=True)(parts, n_ty, n_tx, 3)
     table = dask.delayed(partial(_table_from_sums, cfg=cfg), pure=True)(str(slide), shape, sums)
+    if cfg.registration.enabled:
+        if srcs is None:
+            srcs = (_ArrayRegions(he), _ArrayRegions(ihc))
+        table = dask.delayed(partial(_registered, cfg=cfg), pure=True)(table, srcs[0], srcs[1], shape)
     return table.compute() if compute else table
+
+
+class _ArrayRegions:
+    """Picklable ``src[ys, xs]`` over a NumPy / dask / xarray image (dask computes only the region)."""
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr.data if hasattr(arr, "attrs") else arr
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        region = self.arr[key]
+        return np.asarray(region.compute(scheduler="sync") if hasattr(region, "compute") else region)
+
+
+def _registered(table: pd.DataFrame, he_src: Any, ihc_src: Any, shape: tuple[int, int], *,
+                cfg: Config) -> pd.DataFrame:
+    """The table with registration refinement applied (all candidate tiles in this one task)."""
+    from daskpath.stages.preprocess import apply_registration, registration_tasks
+
+    tasks = registration_tasks(table, cfg, he_src, ihc_src, shape)
+    return apply_registration(table, [(rows, t.compute(scheduler="sync")) for rows, t in tasks], cfg)
 
 
 def _table_from_sums(slide: str, shape: tuple[int, int], sums: np.ndarray, *, cfg: Config

@@ -56,12 +56,25 @@ def test_values_equal_whole_image_reference(first_run, synth_cohort):
     )
     t_he, t_ihc = tissue_block(he), tissue_block(ihc)
     g = tiles[tiles["slide"] == slide]
+    assert g["registered"].any()
+    h, w = ihc.shape[:2]
     for r in g.itertuples():
         sl = (slice(r.y0, r.y0 + r.height), slice(r.x0, r.x0 + r.width))
-        assert r.ssim == pytest.approx(s_map[sl].mean(), abs=1e-5)
+        assert r.ssim_rigid == pytest.approx(s_map[sl].mean(), abs=1e-5)
+        ssim = r.ssim_rigid
+        if r.registered:  # the whole-image SSIM map against the IHC moved by the rounded shift
+            sy, sx = round(r.dy), round(r.dx)
+            ys = np.clip(np.arange(h) + sy, 0, h - 1)
+            xs = np.clip(np.arange(w) + sx, 0, w - 1)
+            _, moved = structural_similarity(
+                rgb2gray(he), rgb2gray(ihc[ys][:, xs]), gaussian_weights=True, sigma=1.5,
+                use_sample_covariance=False, data_range=1.0, full=True)
+            ssim = moved[sl].mean()
+            assert ssim > r.ssim_rigid
+        assert r.ssim == pytest.approx(ssim, abs=1e-5)
         assert r.tissue_fraction_he == pytest.approx(t_he[sl].mean(), abs=1e-9)
         assert r.tissue_fraction_ihc == pytest.approx(t_ihc[sl].mean(), abs=1e-9)
-        assert r.keep == (min(t_he[sl].mean(), t_ihc[sl].mean()) >= 0.5 and s_map[sl].mean() >= 0.4)
+        assert r.keep == (min(t_he[sl].mean(), t_ihc[sl].mean()) >= 0.5 and ssim >= 0.4)
 
 
 def test_results_do_not_depend_on_chunk_size(first_run, synth_cohort, dask_client, tmp_path):
@@ -162,8 +175,9 @@ def test_interrupted_run_resumes_only_missing_chunks(synth_cohort, first_run, da
     assert len(list(plan.work_dir.glob("chunks/*.npz"))) == 6
     res = run(cfg, client=dask_client)
     assert res.ok
-    assert res.chunks_total == 32
-    assert res.chunks_computed == 32 - 6
+    # 16 chunks per slide + one registration task per slide (its 4 tissue tiles)
+    assert res.chunks_total == 34
+    assert res.chunks_computed == 34 - 6
     pd.testing.assert_frame_equal(res.tiles, first_run.tiles, check_exact=False, atol=1e-6)
     assert not any(plan.work_dir.glob("chunks/*"))  # records are dropped once published
     # layers of the resumed slide are complete (no NaN holes from the first, partial run)

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tiny_run(synth_cohort, dask_client, tmp_path_factory):
-    """The preprocess stage on the two 2048^2 phantom pairs, 512 px tiles (4 kept per slide)."""
+    """The preprocess stage on the two 2048^2 phantom pairs, 512 px tiles (7 kept per slide:
+    4 at the rigid alignment, 7 once registration refines it)."""
     from daskpath.config import load_config
     from daskpath.pipeline import run
 
@@ -69,7 +70,9 @@ def test_export_writes_every_kept_tile_once_split_by_slide(tiny_run, tmp_path):
     run_dir, manifest = tiny_run
     kept = kept_tiles(run_dir)
     tiles = pd.read_parquet(run_dir / "tiles.parquet")
-    assert len(kept) == int(tiles["keep"].sum()) == 8
+    assert len(kept) == int(tiles["keep"].sum()) == 14
+    rigid = (tiles["tissue_fraction"] >= 0.5) & (tiles["ssim_rigid"] >= 0.4)
+    assert int(rigid.sum()) == 8  # refinement kept more tiles
     table = export_tile_pairs(run_dir, tmp_path / "pairs", manifest=manifest, test_fraction=0.5, seed=0)
     assert len(table) == len(kept)
     assert sorted(zip(table["slide"], table["y0"], table["x0"])) == sorted(zip(kept["slide"], kept["y0"], kept["x0"]))
@@ -92,7 +95,13 @@ def test_export_writes_every_kept_tile_once_split_by_slide(tiny_run, tmp_path):
     ihc = tifffile.imread(manifest.parent / row["ihc"], level=0)
     sl = (slice(r.y0, r.y0 + r.height), slice(r.x0, r.x0 + r.width))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "pairs" / r.a)), he[sl])
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "pairs" / r.b)), ihc[sl])
+    # the IHC on the refined alignment: the phantom's IHC is the H&E moved by (1, -1)
+    assert r.registered and (round(r.dy), round(r.dx)) == (1, -1)
+    sl_ihc = (slice(r.y0 + 1, r.y0 + 1 + r.height), slice(r.x0 - 1, r.x0 - 1 + r.width))
+    if r.x0 == 0:  # the slide's edge column repeated
+        ihc = np.concatenate([ihc[:, :1], ihc], axis=1)
+        sl_ihc = (sl_ihc[0], slice(0, r.width))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pairs" / r.b)), ihc[sl_ihc])
     # an identical export is left alone
     mtime = (tmp_path / "pairs" / r.a).stat().st_mtime_ns
     export_tile_pairs(run_dir, tmp_path / "pairs", manifest=manifest, test_fraction=0.5, seed=0)

@@ -50,8 +50,19 @@ TILE_COLUMNS = [
     "tissue_fraction_he",
     "tissue_fraction_ihc",
     "ssim",
+    "ssim_rigid",
+    "dy",
+    "dx",
+    "registered",
     "keep",
 ]
+"""Columns of the tile table after preprocessing. ``ssim`` is the SSIM on the refined
+alignment where registration refined it (``registered``), else ``ssim_rigid`` (the two
+sections at the same coordinates); ``dy, dx`` are the estimated residual shift (px: the tissue
+at H&E ``(y, x)`` lies at IHC ``(y + dy, x + dx)``), NaN for tiles not registered."""
+
+REGISTER_BATCH = 8
+"""Tiles per registration task (each reads 2 x 8 tiles plus margins: ~60 MB at 1024 px)."""
 
 THUMBNAIL_SIDE = 1024
 """Longest side (px) of the RGB thumbnails stored with the layers (for the report)."""
@@ -239,6 +250,7 @@ def tiles_from_sums(slide: str, shape: tuple[int, int], sums: np.ndarray, cfg) -
     t_ihc = flat[:, 1] / area
     ssim = flat[:, 2] / area
     tissue = np.minimum(t_he, t_ihc)
+    nan = np.full(len(grid), np.nan)
     df = pd.DataFrame(
         {
             "slide": slide,
@@ -251,9 +263,56 @@ def tiles_from_sums(slide: str, shape: tuple[int, int], sums: np.ndarray, cfg) -
             "tissue_fraction_ihc": t_ihc,
             "ssim": ssim,
             "keep": keep_mask(tissue, ssim, cfg),
+            "ssim_rigid": ssim,
+            "dy": nan,
+            "dx": nan,
+            "registered": np.zeros(len(grid), dtype=bool),
         }
     )
     return df[TILE_COLUMNS]
+
+
+def registration_candidates(tiles: pd.DataFrame, cfg) -> np.ndarray:
+    """Row positions of the tiles registration refines (``registration.min_tissue``)."""
+    if not cfg.registration.enabled:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(tiles["tissue_fraction"].to_numpy() >= cfg.registration.min_tissue)
+
+
+def registration_tasks(tiles: pd.DataFrame, cfg, he_src, ihc_src, shape) -> list[tuple[np.ndarray, Any]]:
+    """Delayed :func:`daskpath.registration.register_tiles` calls, :data:`REGISTER_BATCH`
+    candidate tiles each, with the row positions they cover."""
+    import dask
+
+    from daskpath.registration import register_tiles
+
+    idx = registration_candidates(tiles, cfg)
+    out = []
+    for i in range(0, len(idx), REGISTER_BATCH):
+        rows = idx[i : i + REGISTER_BATCH]
+        sel = tiles.iloc[rows]
+        t = dask.delayed(register_tiles, pure=True)(
+            he_src=he_src, ihc_src=ihc_src, shape=shape,
+            tiles=[tuple(int(v) for v in r) for r in sel[["y0", "x0", "height", "width"]].to_numpy()],
+            rigid_ssim=sel["ssim_rigid"].to_numpy(np.float64).tolist(),
+            max_shift=cfg.registration.max_shift, ssim_sigma=cfg.ssim.sigma,
+            ssim_dtype=cfg.ssim.dtype)
+        out.append((rows, t))
+    return out
+
+
+def apply_registration(tiles: pd.DataFrame, results: list[tuple[np.ndarray, np.ndarray]], cfg
+                       ) -> pd.DataFrame:
+    """The tile table with the registration results merged in and the keep rule re-applied."""
+    tiles = tiles.copy()
+    for rows, res in results:
+        res = np.asarray(res, dtype=np.float64)
+        tiles.iloc[rows, tiles.columns.get_loc("dy")] = res[:, 0]
+        tiles.iloc[rows, tiles.columns.get_loc("dx")] = res[:, 1]
+        tiles.iloc[rows, tiles.columns.get_loc("ssim")] = res[:, 2]
+        tiles.iloc[rows, tiles.columns.get_loc("registered")] = res[:, 3] > 0
+    tiles["keep"] = keep_mask(tiles["tissue_fraction"], tiles["ssim"], cfg)
+    return tiles
 
 
 def summarize_slide(tiles: pd.DataFrame, cfg, mpp: float | None) -> dict:
@@ -289,8 +348,10 @@ class PreprocessStage(Stage):
     """Tissue masks, SSIM map, per-tile table, downsampled layers and thumbnails."""
 
     name = "preprocess"
-    version = 2  # 2: layers written as OME-NGFF 0.5 images (c, y, x + pyramid + thumbnails/)
-    config_sections = ("chunk_size", "tiles", "tissue", "ssim", "layers")
+    # 2: layers written as OME-NGFF 0.5 images (c, y, x + pyramid + thumbnails/)
+    # 3: per-tile registration refinement (ssim_rigid, dy, dx, registered)
+    version = 3
+    config_sections = ("chunk_size", "tiles", "tissue", "ssim", "layers", "registration")
 
     def keys(self, cfg) -> dict[str, Any]:
         return {
@@ -301,6 +362,8 @@ class PreprocessStage(Stage):
             "ssim.sigma": cfg.ssim.sigma,
             "ssim.dtype": cfg.ssim.dtype,
             "layers.downsample": cfg.layers.downsample,
+            "registration": ([cfg.registration.max_shift, cfg.registration.min_tissue]
+                             if cfg.registration.enabled else False),
         }
 
     def artefacts(self, cfg) -> list[Artefact]:
@@ -367,6 +430,15 @@ class PreprocessStage(Stage):
             ctx.compute([ome.build_pyramid(p, compute=False) for p in layer_images(plan.layer_tmp)])
         sums = combine_sums(parts, *_tile_shape(plan.shape, plan.tile), 3)
         part = tiles_from_sums(ctx.slide, plan.shape, sums, ctx.cfg)
+        from daskpath.io import region_source
+
+        ds = ctx.pair()
+        reg = registration_tasks(part, ctx.cfg, region_source(ds["he"]), region_source(ds["ihc"]),
+                                 plan.shape)
+        if reg:  # recorded like chunks: a rerun after an interruption resumes here too
+            done = ctx.compute([ctx.recorded(t, f"register_{int(rows[0])}_{len(rows)}")
+                                for rows, t in reg])
+            part = apply_registration(part, [(rows, r) for (rows, _), r in zip(reg, done)], ctx.cfg)
         part["mpp"] = plan.mpp if plan.mpp else np.nan
         return part
 

@@ -3,9 +3,10 @@
 A run (``daskpath run``) writes ``<output_dir>/tiles.parquet``: one row per tile with ``slide, y0,
 x0, height, width, keep`` (``keep`` = enough tissue and H&E/IHC SSIM above the threshold: the
 tiles where the two sections agree). :func:`export_tile_pairs` reads the H&E and the IHC of
-every kept tile through :func:`daskpath.io.open_pair` -- at the same pixel coordinates, as the
-pipeline compares them (the pairs are registered; the SSIM rule keeps the tiles where they
-match) -- and writes them in the layout of pytorch-CycleGAN-and-pix2pix:
+every kept tile through :func:`daskpath.io.open_pair` -- the IHC on the refined alignment of
+the tile where per-tile registration refined it (``registered``: moved by the rounded ``dy,
+dx``; :mod:`daskpath.registration`), else at the same pixel coordinates, as the pipeline
+compares them -- and writes them in the layout of pytorch-CycleGAN-and-pix2pix:
 
 * ``layout="unaligned"`` (default; CycleGAN's ``--dataset_mode unaligned`` and
   :func:`~daskpath.translate.train.folder_pairs`): ``trainA/``, ``trainB/``, ``testA/``,
@@ -283,9 +284,10 @@ def export_tile_pairs(
         row = man.loc[slide]
         ds = open_pair(row["he"], row["ihc"], chunk_size=run.chunk_size, cache_dir=run.cache_dir)
         he_src, ihc_src = region_source(ds["he"]), region_source(ds["ihc"])
+        shape = (int(ds["he"].shape[0]), int(ds["he"].shape[1]))
         for r in g.itertuples(index=False):
             ys, xs = slice(int(r.y0), int(r.y0 + r.height)), slice(int(r.x0), int(r.x0 + r.width))
-            a, b = np.asarray(he_src[ys, xs]), np.asarray(ihc_src[ys, xs])
+            a, b = np.asarray(he_src[ys, xs]), _ihc_tile(ihc_src, r, shape)
             if layout == "unaligned":
                 _save_png(a, out / r.a)
                 _save_png(b, out / r.b)
@@ -296,6 +298,18 @@ def export_tile_pairs(
     write_table(table, out / "pairs.csv")
     write_json(info, out / "split.json")
     return pd.read_csv(out / "pairs.csv")
+
+
+def _ihc_tile(ihc_src, r, shape: tuple[int, int]) -> np.ndarray:
+    """The IHC tile paired with H&E tile ``r``: on the refined alignment when registration
+    refined it (``registered``; moved by the rounded ``dy, dx``, edge pixels repeated outside
+    the slide), else at the same coordinates."""
+    from daskpath.registration import _read_padded
+
+    y0, x0, h, w = int(r.y0), int(r.x0), int(r.height), int(r.width)
+    if bool(getattr(r, "registered", False)):
+        y0, x0 = y0 + int(round(r.dy)), x0 + int(round(r.dx))
+    return _read_padded(ihc_src, y0, y0 + h, x0, x0 + w, shape)
 
 
 def _same_export(out: Path, table: pd.DataFrame, info: dict) -> bool:
