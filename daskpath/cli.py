@@ -108,8 +108,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         layout=args.layout,
         tile_size=args.tile_size,
+        realism=args.realism,
     )
-    print(f"wrote {args.pairs} synthetic pair(s); manifest: {manifest}")
+    print(f"wrote {args.pairs} synthetic pair(s) ({args.realism}); manifest: {manifest}")
     return 0
 
 
@@ -277,6 +278,26 @@ def _cluster_tls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    """Download a Zenodo record, verify it, write its manifest.csv. A failed download (network,
+    checksum) exits 1 with one line; bad input (source, --api, --only) exits 2 through main."""
+    from daskpath.fetch import FetchError, fetch_record
+
+    try:
+        manifest = fetch_record(args.source, args.dir, api=args.api, workers=args.workers,
+                                progress=not args.no_progress, only=args.only)
+    except FetchError as e:
+        if _verbosity(args) > 0:
+            log.exception("fetch failed")
+        _fail(f"error: {e}")
+        return 1
+    with open(manifest) as fh:
+        pairs = sum(1 for _ in fh) - 1
+    print(f"{pairs} slide pair(s); manifest: {manifest}")
+    print(f"use it with: daskpath run CONFIG.yaml --set slides={manifest}")
+    return 0
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Help with the default of every option that takes a value: ``(default: X)`` is appended
     unless the help text already says what the default is."""
@@ -344,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(PNG, stripped TIFF), or OME-Zarr (NGFF 0.5)")
     s.add_argument("--tile-size", type=int, default=512,
                    help="TIFF tile side in pixels (tiled layout)")
+    s.add_argument("--realism", choices=("easy", "realistic"), default="easy",
+                   help="easy: the original phantom; realistic: non-rigid deformation between "
+                   "sections, cell turnover, stain variation, a weak H&E cue of Ki67, artefacts "
+                   "with truth masks, scanner JPEG")
     s.set_defaults(func=_cmd_synth)
 
     s = command("ingest", help="convert a flat raster (PNG, stripped TIFF) to chunked OME-Zarr")
@@ -441,6 +466,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "of CONFIG (default: the config given before, else the shipped defaults)")
     _add_set(s)
     s.set_defaults(func=_cmd_cluster)
+
+    s = command(
+        "fetch",
+        help="download a published cohort (a Zenodo record), verify it and write its "
+        "manifest.csv",
+        description="Download the files of a Zenodo record into DIR in parallel, resuming "
+        "interrupted downloads (rerun the same command), verify each against the published "
+        "checksum, extract zip archives, and pair H&E and IHC files by name into "
+        "DIR/manifest.csv (slide,he,ihc). E.g. `daskpath fetch zenodo:11218961 cohort/` for "
+        "the reference cohort.",
+    )
+    s.add_argument("source", help="the record: zenodo:<id>, 10.5281/zenodo.<id>, "
+                   "https://doi.org/10.5281/zenodo.<id> or https://zenodo.org/records/<id>")
+    s.add_argument("dir", type=Path, help="folder for the files and manifest.csv (created when "
+                   "missing)")
+    s.add_argument("--api", default=None, metavar="URL",
+                   help="REST API base, for a mirror (default: https://zenodo.org/api)")
+    s.add_argument("--workers", type=int, default=4, help="files downloaded at once")
+    s.add_argument("--only", action="append", metavar="GLOB",
+                   help="download only the files whose name matches GLOB (case-insensitive, "
+                   "e.g. '*_HE.png'); repeatable (default: every file)")
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (on a terminal) or progress lines (otherwise)")
+    s.set_defaults(func=_cmd_fetch, resumable=True)
     return p
 
 

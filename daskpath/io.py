@@ -139,6 +139,7 @@ class _Meta:
     axes: str = "YXS"
     zarr_paths: tuple[str, ...] = ()
     downsamples: tuple[float, ...] = field(default=())
+    phantom: bool = False  # tagged by daskpath.synthetic (PHANTOM_TOKEN): not a real slide
 
 
 def _detect(path: Path) -> str:
@@ -249,17 +250,21 @@ def _probe_tiff(path: Path, st: os.stat_result) -> _Meta:
         vendor = props.get("tiffslide.vendor")
         fmt = _TIFF_VENDOR_FORMAT.get(str(vendor), "tiff") if tiled else "tiff-stripped"
         downsamples = tuple(float(d) for d in slide.level_downsamples)
+        phantom = PHANTOM_TOKEN in str(keyframe.description or "")
     finally:
         slide.close()
     return _Meta(path=str(path), format=fmt, kind="tiled" if tiled else "flat",
                  level_shapes=tuple(shapes), tile_sizes=tuple(tiles),
                  mpp=_sane_mpp(mpp, path), samples=samples, mtime_ns=st.st_mtime_ns,
-                 size=st.st_size, axes=axes, downsamples=downsamples)
+                 size=st.st_size, axes=axes, downsamples=downsamples, phantom=phantom)
 
 
-def _png_header(path: Path, size: int) -> tuple[float | None]:
-    """Walk PNG chunks up to IDAT: check structure and the IEND trailer; return (mpp,)."""
+def _png_header(path: Path, size: int) -> tuple[float | None, bool]:
+    """Walk PNG chunks up to IDAT: check structure and the IEND trailer; return (mpp, phantom)
+    (``phantom``: a ``tEXt`` chunk ``daskpath`` = ``phantom ...`` written by
+    :mod:`daskpath.synthetic`)."""
     mpp: float | None = None
+    phantom = False
     with path.open("rb") as fh:
         fh.seek(8)
         seen_ihdr = False
@@ -276,6 +281,10 @@ def _png_header(path: Path, size: int) -> tuple[float | None]:
                 fh.seek(-9, os.SEEK_CUR)
                 if unit == 1 and ppu_x > 0:  # pixels per metre
                     mpp = 1e6 / ppu_x
+            elif ctype == b"tEXt" and length < 4096:
+                key, _, text = fh.read(length).partition(b"\0")
+                fh.seek(-length, os.SEEK_CUR)
+                phantom = phantom or (key == b"daskpath" and text.startswith(b"phantom"))
             elif ctype == b"IDAT":
                 break
             fh.seek(length + 4, os.SEEK_CUR)
@@ -286,7 +295,7 @@ def _png_header(path: Path, size: int) -> tuple[float | None]:
     if tail != _PNG_IEND:
         raise SlideError(f"{path} is corrupt or truncated (PNG has no IEND trailer): re-copy or "
                          "re-export it")
-    return (mpp,)
+    return mpp, phantom
 
 
 def _vips_open(path: Path, **kwargs: Any) -> Any:
@@ -301,8 +310,9 @@ def _vips_open(path: Path, **kwargs: Any) -> Any:
 
 def _probe_vips(path: Path, fmt: str, st: os.stat_result) -> _Meta:
     mpp: float | None = None
+    phantom = False
     if fmt == "png":
-        (mpp,) = _png_header(path, st.st_size)
+        mpp, phantom = _png_header(path, st.st_size)
     elif fmt == "jpeg":
         with path.open("rb") as fh:
             fh.seek(max(0, st.st_size - 64))
@@ -324,7 +334,7 @@ def _probe_vips(path: Path, fmt: str, st: os.stat_result) -> _Meta:
     return _Meta(path=str(path), format=fmt, kind="flat", level_shapes=((h, w),),
                  tile_sizes=((1, w),), mpp=_sane_mpp(mpp, path), samples=int(img.bands),
                  mtime_ns=st.st_mtime_ns,
-                 size=st.st_size, downsamples=(1.0,))
+                 size=st.st_size, downsamples=(1.0,), phantom=phantom)
 
 
 def _probe_zarr(path: Path, st: os.stat_result) -> _Meta:
@@ -380,15 +390,22 @@ def _probe_zarr(path: Path, st: os.stat_result) -> _Meta:
         mpp = scales[0] * _UNIT_TO_UM[unit]
     downsamples = tuple(s / scales[0] for s in scales) if scales[0] else tuple(
         shapes[0][0] / s[0] for s in shapes)
+    phantom = bool(own.get("phantom")) if isinstance(own, dict) else False
     return _Meta(path=str(path), format="ome-zarr", kind="zarr", level_shapes=tuple(shapes),
                  tile_sizes=tuple(tiles), mpp=mpp, samples=samples, mtime_ns=st.st_mtime_ns,
-                 size=0, axes=axes, zarr_paths=tuple(paths), downsamples=downsamples)
+                 size=0, axes=axes, zarr_paths=tuple(paths), downsamples=downsamples,
+                 phantom=phantom)
 
 
 #: TIFF photometric interpretations that are not RGB (read as RGB they give wrong colours).
 _REFUSED_PHOTOMETRIC = {"SEPARATED": "CMYK", "CIELAB": "CIE L*a*b*", "ICCLAB": "ICC L*a*b*",
                         "ITULAB": "ITU L*a*b*", "PALETTE": "a palette image",
                         "MINISWHITE": "inverted grayscale"}
+#: Token in the metadata of the phantom slides :mod:`daskpath.synthetic` writes (TIFF
+#: ImageDescription; PNG ``tEXt`` key ``daskpath``, text ``phantom ...``; OME-Zarr attrs
+#: ``daskpath.phantom``). Slides without it are taken as real tissue.
+PHANTOM_TOKEN = "daskpath-phantom"
+
 #: Smallest slide side accepted: a slide smaller than this holds no tile worth measuring.
 MIN_SIDE = 64
 
@@ -426,7 +443,9 @@ def slide_info(path: PathLike) -> dict[str, Any]:
         ``(height, width, 3)`` of level 0, ``dtype`` (``"uint8"``), ``channels`` in the file
         (4 means RGBA whose alpha is dropped), ``tile_size`` ``(height, width)`` of level 0
         (``None`` for a flat raster), ``mpp`` (microns per pixel or ``None``), ``levels`` (list of
-        ``(height, width)``), ``downsamples`` and ``needs_ingest`` (True for flat rasters).
+        ``(height, width)``), ``downsamples``, ``needs_ingest`` (True for flat rasters) and
+        ``phantom`` (True for a phantom written by :mod:`daskpath.synthetic`, tagged in its
+        metadata; such slides are what the shipped phantom-trained models were made for).
 
     Raises
     ------
@@ -445,6 +464,7 @@ def slide_info(path: PathLike) -> dict[str, Any]:
         "levels": list(meta.level_shapes),
         "downsamples": list(meta.downsamples),
         "needs_ingest": meta.kind == "flat",
+        "phantom": meta.phantom,
     }
 
 
@@ -775,6 +795,8 @@ def _build(meta: _Meta, chunks: tuple[int, int], level: int) -> xr.DataArray:
     attrs = {"path": meta.path, "format": meta.format, "mpp": mpp,
              "tile_size": meta.tile_sizes[level], "chunk_size": chunks, "level": level,
              "downsample": down, "levels": len(meta.level_shapes)}
+    if meta.phantom:
+        attrs["phantom"] = True
     # attrs hold plain values only (an unknown mpp is left out, not None), so Dataset.to_zarr
     # and to_netcdf accept them; the reader goes in encoding, which writers drop
     attrs = {k: v for k, v in attrs.items() if v is not None}
@@ -1284,4 +1306,5 @@ def _ingest_attrs(src: Path, meta: _Meta, mpp: float | None, chunk: int) -> dict
     writes): the source and its identity, which decides whether a later run reuses it."""
     return {"source": str(src), "source_format": meta.format, "mpp": mpp, "chunk_size": chunk,
             "source_size": meta.size, "source_mtime_ns": meta.mtime_ns,
-            "source_identity": _source_identity(src)}
+            "source_identity": _source_identity(src),
+            **({"phantom": True} if meta.phantom else {})}

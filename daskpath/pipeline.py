@@ -196,12 +196,30 @@ def _write_run_config(cfg: Config, out: Path, runset: RunSet) -> Path:
 
 
 def _run_reported(cfg, manifest, out, client, progress, t0, report, runset=None) -> RunResult:
+    """:func:`run_slides`, inside Dask's performance report when ``report`` names a file.
+
+    The report is written with BokehJS inline (``mode="inline"``, ~1.7 MB more) and its
+    favicon made local (:func:`daskpath.report.offline_page`): the page renders without network
+    access (a hospital network, a laptop offline), where Dask's default (BokehJS from a CDN)
+    shows a blank page.
+    """
     from daskpath.runner import run_slides
 
     if report is None:
         return run_slides(cfg, manifest, out, client, progress, t0, runset)
     from distributed import performance_report
 
+    from daskpath.report import offline_page
+
     Path(report).parent.mkdir(parents=True, exist_ok=True)
-    with performance_report(filename=str(report)):
-        return run_slides(cfg, manifest, out, client, progress, t0, runset)
+    try:
+        with performance_report(filename=str(report), mode="inline"):
+            return run_slides(cfg, manifest, out, client, progress, t0, runset)
+    finally:
+        try:
+            left = offline_page(report) if Path(report).is_file() else []
+        except (OSError, ValueError) as e:  # the run's results matter more than its page
+            left = [f"(not checked: {e})"]
+        if left:
+            log.warning("performance report %s may need the network: %s (the scheduler's "
+                        "distributed ignored mode='inline'?)", report, left[0][:120])

@@ -377,6 +377,66 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
+#: What to configure instead of each shipped phantom-trained model, for real slides.
+REAL_MODEL_HINT = {
+    "nuclei.model": "nuclei.model: 2D_versatile_he (StarDist's pretrained H&E model, downloaded "
+                    "when online) or a StarDist2D folder trained on your IHC",
+    "translate.model": "translate.model: a translator folder trained on your slides "
+                       "(daskpath train translator)",
+    "baselines.rf_model": "baselines.rf_model: a folder from daskpath train rf",
+    "baselines.classifier_model": "baselines.classifier_model: a folder from daskpath train classifier",
+}
+
+
+def phantom_models(stages: list[Stage], cfg: Config) -> dict[str, str]:
+    """The run's models that are the shipped phantom-trained ones: ``{config key: model name}``."""
+    root = Path(__file__).resolve().parent / "models"  # the shipped models
+    found: dict[str, str] = {}
+    for st in stages:
+        for key, (path, name) in st.models(cfg).items():
+            if path is None:
+                continue
+            p = Path(path).resolve()
+            folder = p if p.is_dir() else p.parent
+            if folder.parent == root and folder.name.endswith("_phantom"):
+                found[key] = folder.name
+    return found
+
+
+def phantom_model_warning(stages: list[Stage], cfg: Config, manifest: pd.DataFrame
+                          ) -> tuple[str | None, list[str]]:
+    """A warning when shipped phantom-trained models run on slides that are not phantoms.
+
+    Returns the one-line warning (None when there is nothing to say) and the slides concerned.
+    A slide is a phantom when both of its files carry :data:`daskpath.io.PHANTOM_TOKEN`.
+    """
+    from daskpath.io import slide_info
+
+    models = phantom_models(stages, cfg)
+    if not models:
+        return None, []
+    real = []
+    for row in manifest.itertuples(index=False):
+        try:
+            phantom = slide_info(row.he)["phantom"] and slide_info(row.ihc)["phantom"]
+        except Exception:  # an unreadable slide fails in its own stage, with its own message
+            continue
+        if not phantom:
+            real.append(str(row.slide))
+    if not real:
+        return None, []
+    shown = ", ".join(real[:5]) + (f" and {len(real) - 5} more" if len(real) > 5 else "")
+    used = ", ".join(f"{k}: {v}" for k, v in models.items())
+    fixes = "; ".join(REAL_MODEL_HINT[k] for k in models if k in REAL_MODEL_HINT)
+    return (f"models trained on phantoms only ({used}) ran on {len(real)} slide(s) that are not "
+            f"daskpath phantoms ({shown}): their Ki67 numbers do not describe real tissue. "
+            f"For real slides set {fixes}"), real
+
+
+#: The note ``slides.csv`` carries for a real slide measured with phantom-trained models.
+PHANTOM_NOTE = "phantom-trained model(s) on a real slide: numbers not meaningful (see report)"
+
+
 def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress, t0: float,
                runset: RunSet | None = None) -> RunResult:
     """Run the configured stages over the manifest's slides, assemble the tables into the
@@ -388,6 +448,9 @@ def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress,
         models[st.name] = model_identities(st, cfg)
     if runset is None:
         runset = RunSet(out, new_run_id())
+    warning, real = phantom_model_warning(stages, cfg, manifest)
+    if warning:
+        log.warning("WARNING: %s", warning)
     run_id = runset.run_id
     previous = RunSet.previous_state(out)
     started = time.time()
@@ -422,12 +485,14 @@ def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress,
         raise
     pool.shutdown(wait=True)
     prog.close()
-    return _assemble(cfg, manifest, out, stages, outcomes, t0, runset, started)
+    return _assemble(cfg, manifest, out, stages, outcomes, t0, runset, started,
+                     warnings=[warning] if warning else [], real_slides=real)
 
 
 def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage],
               outcomes: dict[str, SlideOutcome], t0: float, runset: RunSet,
-              started: float) -> RunResult:
+              started: float, warnings: list[str] | None = None,
+              real_slides: list[str] | None = None) -> RunResult:
     """Cohort tables from the current run's parts only; metrics, run.json, report; all into the
     run's set, which then replaces the previous one at once (:class:`RunSet`)."""
     run_id = runset.run_id
@@ -461,6 +526,11 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage
         rows.append(row)
     tiles = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TILE_COLUMNS)
     slides = pd.DataFrame(rows)
+    if real_slides and len(slides):
+        flag = slides["slide"].isin(real_slides)
+        slides.loc[flag, "note"] = [f"{PHANTOM_NOTE}; {n}" if n else PHANTOM_NOTE
+                                    for n in slides.loc[flag, "note"].fillna("")]
+    warnings = list(warnings or [])
     tiles.attrs["daskpath_run_id"] = run_id  # kept in the parquet metadata: the run it belongs to
     write_table(tiles, runset.path("tiles.parquet"))
     # 6 significant digits: for people
@@ -503,7 +573,8 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage
     try:
         from daskpath.report import write_report
 
-        write_report(runset.root, tiles, slides, fail_df, cfg, metrics, run_id=run_id)
+        write_report(runset.root, tiles, slides, fail_df, cfg, metrics, run_id=run_id,
+                     warnings=warnings, manifest=manifest)
         runset.path("report.html")
     except ImportError as e:  # matplotlib is optional (extra "report")
         log.warning("report.html not written: %s (pip install 'daskpath[report]')", e)
@@ -518,6 +589,7 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "status": "complete" if not failures else "complete with failed slides",
         "stages": [s.name for s in stages],
+        "warnings": warnings,
         "slides": {s: {"status": "failed" if o.failure else "ok", "stages": o.stages,
                        **({"failure": o.failure} if o.failure else {}), "message": o.message}
                    for s, o in outcomes.items()},

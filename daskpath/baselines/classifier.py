@@ -468,6 +468,7 @@ def train_classifier(
     threads: int = 2,
     workdir: str | os.PathLike[str] | None = None,
     init_from: str | os.PathLike[str] | None = None,
+    realism: str = "easy",
     command: str | None = None,
 ) -> dict[str, Any]:
     """Train the 3-class ResNet18 on phantom tiles; write a model folder; return its figures.
@@ -504,6 +505,8 @@ def train_classifier(
         Torch threads.
     workdir : path-like, optional
         Where phantom slides are written (and reused); default a temporary folder.
+    realism : {"easy", "realistic"}
+        Kind of phantom slides (:func:`daskpath.synthetic.make_pair`).
     init_from : path-like, optional
         A torchvision ResNet18 checkpoint to start from (head replaced); its width must match.
     command : str, optional
@@ -545,8 +548,8 @@ def train_classifier(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
-        train = phantom_slides(seeds, size, wd)
-        held = phantom_slides(heldout_seeds, size, wd) if heldout_seeds else []
+        train = phantom_slides(seeds, size, wd, realism)
+        held = phantom_slides(heldout_seeds, size, wd, realism) if heldout_seeds else []
         t_data = time.time() - t0
         wins = [_slide_windows(s, spec, tile, stride, min_tissue) for s in train]
         del train
@@ -595,7 +598,7 @@ def train_classifier(
             "weight_decay": weight_decay, "min_tissue": min_tissue, "seed": seed, "threads": threads,
             "init_from": str(init_from or ""), "n_windows": len(pool),
             "windows_per_class": [int(len(b)) for b in by_class],
-            "command": command or "", "data": "phantom (daskpath.synthetic.make_pair, JPEG TIFF)",
+            "command": command or "", "data": f"phantom (daskpath.synthetic.make_pair, realism={realism}, JPEG TIFF)",
         }
         spec = ClassifierSpec(**{**asdict(spec), "extra": {"training": training}})
         tmpw = out / (spec.weights + ".tmp")
@@ -679,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=None, help="where phantom slides are written and reused")
+    p.add_argument("--realism", choices=("easy", "realistic"), default="easy",
+                   help="phantom kind (daskpath synth --realism)")
     p.add_argument("--init-from", default=None, help="torchvision resnet18 .pth to start from (same width)")
     p.add_argument("-v", "--verbose", action="store_true", help="log the loss every 50 steps")
     a = p.parse_args(argv)
@@ -693,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            downsample=a.downsample, tile=a.tile, stride=a.stride, steps=a.steps,
                            batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
                            dense_stride=a.dense_stride, seed=a.seed,
-                           threads=a.threads, workdir=a.workdir, init_from=a.init_from, command=cmd)
+                           threads=a.threads, workdir=a.workdir, realism=a.realism, init_from=a.init_from, command=cmd)
     print(json.dumps({k: v for k, v in res.items() if k != "tiles"}, indent=2))
     return 0
 

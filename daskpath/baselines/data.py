@@ -83,14 +83,19 @@ def tissue_fraction(rgb: np.ndarray) -> float:
 
 
 def phantom_slide(seed: int, size: tuple[int, int] = (4096, 4096),
-                  workdir: str | os.PathLike[str] = ".") -> PhantomSlide:
-    """The phantom slide of ``seed``: written into ``workdir`` once, reused when present."""
+                  workdir: str | os.PathLike[str] = ".", realism: str = "easy") -> PhantomSlide:
+    """The phantom slide of ``seed``: written into ``workdir`` once, reused when present.
+
+    ``realism`` is :func:`daskpath.synthetic.make_pair`'s (``"realistic"``: the same pixels as
+    ``daskpath synth --realism realistic`` with that seed)."""
     import tifffile
 
     from daskpath.synthetic import make_pair
 
     wd = Path(workdir)
     slide = f"phantom_s{int(seed)}_{int(size[0])}x{int(size[1])}"
+    if realism != "easy":
+        slide += f"_{realism}"
     meta = wd / f"{slide}_truth.json"
     ok = False
     if meta.is_file():
@@ -100,7 +105,7 @@ def phantom_slide(seed: int, size: tuple[int, int] = (4096, 4096),
         except ValueError:
             ok = False
     if not ok:
-        make_pair(wd, slide=slide, size=(int(size[0]), int(size[1])), seed=int(seed))
+        make_pair(wd, slide=slide, size=(int(size[0]), int(size[1])), seed=int(seed), realism=realism)
     he_path = wd / f"{slide}_HE.tif"
     he = tifffile.imread(he_path)
     truth = pd.read_parquet(wd / f"{slide}_truth.parquet")
@@ -109,10 +114,10 @@ def phantom_slide(seed: int, size: tuple[int, int] = (4096, 4096),
 
 
 def phantom_slides(seeds: Sequence[int], size: tuple[int, int] = (4096, 4096),
-                   workdir: str | os.PathLike[str] = ".") -> list[PhantomSlide]:
+                   workdir: str | os.PathLike[str] = ".", realism: str = "easy") -> list[PhantomSlide]:
     """:func:`phantom_slide` for each seed."""
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return [phantom_slide(s, size, workdir) for s in seeds]
+    return [phantom_slide(s, size, workdir, realism) for s in seeds]
 
 
 def heldout_tiles(slide: PhantomSlide, tile: int = 1024, min_tissue: float = 0.5) -> pd.DataFrame:

@@ -513,6 +513,7 @@ def train_rf(
     threads: int = 2,
     workdir: str | os.PathLike[str] | None = None,
     spec: RFSpec | None = None,
+    realism: str = "easy",
     command: str | None = None,
 ) -> dict[str, Any]:
     """Train the pixel classifier on phantom slides; write a model folder; return its figures.
@@ -541,6 +542,8 @@ def train_rf(
         Threads for fitting.
     workdir : path-like, optional
         Where phantom slides are written (and reused); default: a temporary folder.
+    realism : {"easy", "realistic"}
+        Kind of phantom slides (:func:`daskpath.synthetic.make_pair`).
     spec : RFSpec, optional
         Feature settings (default :class:`RFSpec`).
     command : str, optional
@@ -574,8 +577,8 @@ def train_rf(
     wd = Path(tmp.name if tmp else workdir)
     t0 = time.time()
     try:
-        train = phantom_slides(seeds, size, wd)
-        held = phantom_slides(heldout_seeds, size, wd) if heldout_seeds else []
+        train = phantom_slides(seeds, size, wd, realism)
+        held = phantom_slides(heldout_seeds, size, wd, realism) if heldout_seeds else []
         t_data = time.time() - t0
         xs, ys = [], []
         for s in train:
@@ -600,7 +603,7 @@ def train_rf(
             "n_samples": int(len(y)), "class_counts": np.bincount(y, minlength=3).tolist(),
             "n_estimators": n_estimators, "max_depth": max_depth,
             "min_samples_leaf": min_samples_leaf, "seed": seed,
-            "command": command or "", "data": "phantom (daskpath.synthetic.make_pair, JPEG TIFF)",
+            "command": command or "", "data": f"phantom (daskpath.synthetic.make_pair, realism={realism}, JPEG TIFF)",
         }
         spec = RFSpec(**{**asdict(spec), "extra": {"training": training}})
         out = Path(out_dir)
@@ -680,6 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=None, help="where phantom slides are written and reused")
+    p.add_argument("--realism", choices=("easy", "realistic"), default="easy",
+                   help="phantom kind (daskpath synth --realism)")
     a = p.parse_args(argv)
     for k in ("windows", "window", "samples_per_class", "trees", "max_depth", "min_samples_leaf", "tile", "threads"):
         if getattr(a, k) < 1:
@@ -690,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = train_rf(a.out_dir, a.seeds, a.heldout_seeds, tuple(a.size), windows=a.windows,
                    window=a.window, samples_per_class=a.samples_per_class, n_estimators=a.trees,
                    max_depth=a.max_depth, min_samples_leaf=a.min_samples_leaf, tile=a.tile,
-                   seed=a.seed, threads=a.threads, workdir=a.workdir, spec=spec, command=cmd)
+                   seed=a.seed, threads=a.threads, workdir=a.workdir, realism=a.realism, spec=spec, command=cmd)
     print(json.dumps({k: v for k, v in res.items() if k != "tiles"}, indent=2))
     return 0
 

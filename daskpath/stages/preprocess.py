@@ -59,7 +59,10 @@ TILE_COLUMNS = [
 """Columns of the tile table after preprocessing. ``ssim`` is the SSIM on the refined
 alignment where registration refined it (``registered``), else ``ssim_rigid`` (the two
 sections at the same coordinates); ``dy, dx`` are the estimated residual shift (px: the tissue
-at H&E ``(y, x)`` lies at IHC ``(y + dy, x + dx)``), NaN for tiles not registered."""
+at H&E ``(y, x)`` lies at IHC ``(y + dy, x + dx)``), NaN where no estimate was made (tissue
+below ``registration.min_tissue``, no signal, a sliver at the slide edge); an estimate beyond
+``registration.max_shift`` or one that does not raise the SSIM is reported but not used
+(``registered`` false)."""
 
 REGISTER_BATCH = 8
 """Tiles per registration task (each reads 2 x 8 tiles plus margins: ~60 MB at 1024 px)."""

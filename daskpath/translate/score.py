@@ -81,13 +81,16 @@ def truth_tile_ratios(truth: pd.DataFrame | str, shape: tuple[int, int], tile: i
     """Per-tile truth ratios from a phantom truth table (``<slide>_truth.parquet``).
 
     ``frame="he"`` uses the H&E-frame centroids and areas (``y_he, x_he, area_he``; nuclei absent
-    from the H&E are dropped), the grid on which a virtual IHC lives; ``"ihc"`` the IHC frame.
+    from the H&E are dropped), the grid on which a virtual IHC lives; ``"ihc"`` the IHC frame
+    (nuclei absent from the IHC section dropped).
     """
     df = pd.read_parquet(truth) if isinstance(truth, str) or hasattr(truth, "__fspath__") else truth
     if frame == "he":
         df = df[np.isfinite(df["y_he"]) & (df["area_he"] > 0)]
         df = pd.DataFrame({"y": df["y_he"], "x": df["x_he"], "area": df["area_he"],
                            "positive": df["positive"].astype(bool)})
+    else:  # realistic phantoms list nuclei of the H&E section only with y, x = NaN, area 0
+        df = df[np.isfinite(df["y"]) & (df["area"] > 0)]
     return tile_ratios_from_nuclei(df, shape, tile)
 
 
