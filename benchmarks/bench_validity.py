@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--steps", type=int, default=25, help="translator steps per epoch")
     p.add_argument("--epochs", type=int, default=8, help="translator epochs (+ as many decaying)")
+    p.add_argument("--crop", type=int, default=256, help="translator training crop (px)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--quick", action="store_true", help="2048 px slides, 2 epochs (a smoke run)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "validity.json")
     a = p.parse_args()
@@ -129,11 +131,12 @@ def main() -> None:
     t = time.perf_counter()
     daskpath("run", str(cfg_train), "--no-progress", log=log)
     times["train preprocess run"] = time.perf_counter() - t
-    recipe = ["--ngf", "8", "--ndf", "16", "--crop", "256", "--batch-size", "3",
+    modes = tuple(a.modes)
+    recipe = ["--ngf", "8", "--ndf", "16", "--crop", str(a.crop), "--batch-size", "3",
               "--lr", "0.0005", "--train-norm", "pooled", "--threads", "2", "--no-progress",
               "--epochs", str(a.epochs), "--epochs-decay", str(a.epochs),
               "--steps-per-epoch", str(a.steps), "--save-every", "100"]
-    for mode in MODES:
+    for mode in modes:
         out = models / mode
         if not (out / "daskpath.json").exists():
             times[f"train {mode}"] = daskpath(
@@ -157,8 +160,8 @@ def main() -> None:
         times[f"test run {name}"] = daskpath("run", str(cfg), "--no-progress", log=log)
         return pd.read_parquet(out / "tiles.parquet")
 
-    tables = {mode: run_test("test" if mode == MODES[0] else f"test_{mode}",
-                             translate__model=str(models / mode)) for mode in MODES}
+    tables = {mode: run_test("test" if mode == modes[0] else f"test_{mode}",
+                             translate__model=str(models / mode)) for mode in modes}
     noreg = run_test("test_noreg", translate__model=str(models / "pix2pix"),
                      registration__enabled=False)
     twoch = run_test("test_twochannel", stages=["preprocess", "nuclei"],
@@ -177,15 +180,16 @@ def main() -> None:
 
     result: dict = {"setup": {"pairs": N_PAIRS, "train_slides": list(train["slide"]),
                               "test_slides": list(test["slide"]), "size": a.size, "tile": a.tile,
-                              "translator_steps": 2 * a.epochs * a.steps, "seed0": SEED0,
+                              "translator_steps": 2 * a.epochs * a.steps, "translator_crop": a.crop,
+                              "seed0": SEED0,
                               "realism": "realistic (defaults)"},
                     "with_registration": {}, "without_registration": {}, "ground_truth_methods": {},
                     "tiles": {}, "study": STUDY, "seconds": times}
     for mode, t in tables.items():
         s = scores(t, f"virtual ({mode})")
-        result["with_registration"] |= s if mode == MODES[0] else {f"virtual ({mode})": s[f"virtual ({mode})"]}
+        result["with_registration"] |= s if mode == modes[0] else {f"virtual ({mode})": s[f"virtual ({mode})"]}
     result["without_registration"] = scores(noreg, "virtual (pix2pix)")
-    ref = tables[MODES[0]]
+    ref = tables[modes[0]]
     result["tiles"] = {"with_registration": {"kept": int(ref["keep"].sum()),
                                              "mean_ssim_kept": float(ref.loc[ref["keep"], "ssim"].mean())},
                        "without_registration": {"kept": int(noreg["keep"].sum()),

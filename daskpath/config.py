@@ -72,6 +72,15 @@ class RegistrationConfig:
 
 
 @dataclass(frozen=True)
+class QcConfig:
+    """Artefact QC in the preprocess stage (:mod:`daskpath.qc`)."""
+
+    enabled: bool = True
+    max_fraction: float = 0.02
+    exclude: bool = True
+
+
+@dataclass(frozen=True)
 class NucleiConfig:
     model: str = "phantom"
     method: str = "nucleus"
@@ -198,6 +207,7 @@ class Config:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     ssim: SsimConfig = field(default_factory=SsimConfig)
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    qc: QcConfig = field(default_factory=QcConfig)
     nuclei: NucleiConfig = field(default_factory=NucleiConfig)
     translate: TranslateConfig = field(default_factory=TranslateConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
@@ -445,6 +455,8 @@ def _check(cfg: Config) -> None:
         raise bad("registration.max_shift", cfg.registration.max_shift, "use 0..1024 px")
     if not 0.0 <= cfg.registration.min_tissue <= 1.0:
         raise bad("registration.min_tissue", cfg.registration.min_tissue, "a fraction in [0, 1]")
+    if not 0.0 <= cfg.qc.max_fraction <= 1.0:
+        raise bad("qc.max_fraction", cfg.qc.max_fraction, "a fraction of the tile in [0, 1]")
     if not 0 < cfg.tissue.threshold < 3:
         raise bad("tissue.threshold", cfg.tissue.threshold, "an optical density in (0, 3)")
     if cfg.tissue.sigma < 0:

@@ -34,7 +34,10 @@ in ``<slide>_truth.json`` with the per-slide draws:
   ``turnover`` (0.3) of the nuclei are in one section only (half H&E-only, half IHC-only).
 * **Stain variation** per slide and section: each stain vector rotated by up to ``stain_angle``
   (4 degrees), concentrations scaled by ``1 +- stain_scale`` (0.15), a glass tint of up to
-  ``tint`` OD per channel, scanner brightness ``1 +- brightness`` (0.05).
+  ``tint`` OD per channel (0.005), scanner brightness ``1 +- brightness`` (0.02): glass stays
+  at a max-channel OD of ~0.02-0.03 (RGB ~238-245), as on a white-balanced scanner. Darker
+  glass (``tint`` 0.02, ``brightness`` 0.05) reads as tissue at the default
+  ``tissue.threshold`` of 0.035 OD: raise the threshold for such slides.
 * **A weak H&E cue.** ``cue`` (0.25; 0 none, 1 like ``easy``) scales how much larger (up to +50 %),
   darker (hematoxylin 0.6 -> 1.0), more lobulated and coarser Ki67-positive nuclei are in the H&E;
   sizes and stain strengths of all nuclei are widely spread and a regional size field (+-15 %,
@@ -827,8 +830,8 @@ class RealismParams:
     context: float = 0.3
     stain_angle: float = 4.0
     stain_scale: float = 0.15
-    tint: float = 0.02
-    brightness: float = 0.05
+    tint: float = 0.005
+    brightness: float = 0.02
     fold: float = 0.012
     pen: float = 0.015
     bubble: float = 0.012

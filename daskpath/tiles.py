@@ -211,7 +211,8 @@ def tile_table(
     -------
     pandas.DataFrame
         One row per tile, row-major: ``slide, y0, x0, height, width, tissue_fraction,
-        tissue_fraction_he, tissue_fraction_ihc, ssim, ssim_rigid, dy, dx, registered, keep``
+        tissue_fraction_he, tissue_fraction_ihc, ssim, ssim_rigid, dy, dx, registered, qc_pen,
+        qc_bubble, qc_fold, qc_blur, artefact, keep`` (artefact QC with ``qc.enabled``)
         (with ``registration.enabled``, the candidate tiles' alignment is refined in one
         extra task, as :mod:`daskpath.registration` describes) (the columns of ``tiles.parquet``
         before the model stages add theirs). ``tiles[tiles.keep]`` is what the model stages
@@ -246,7 +247,8 @@ def tile_table(
         slide = Path(str(path)).stem if path else "slide"
     kw = {"shape": shape, "tile": cfg.tiles.size, "tissue_threshold": cfg.tissue.threshold,
           "tissue_sigma": cfg.tissue.sigma, "ssim_sigma": cfg.ssim.sigma,
-          "ssim_dtype": cfg.ssim.dtype, "layers": None, "factor": 0, "step": 1}
+          "ssim_dtype": cfg.ssim.dtype, "layers": None, "factor": 0, "step": 1,
+          "qc": cfg.qc.enabled}
     srcs = _readers(he, ihc)
     parts = []
     if srcs is not None:  # the pipeline's way: each task reads its chunk + halo itself
@@ -258,6 +260,10 @@ def tile_table(
         b = ihc.data if hasattr(ihc, "attrs") else ihc
         d = max(ssim_radius(cfg.ssim.sigma),
                 tissue_radius(cfg.tissue.sigma) if cfg.tissue.sigma > 0 else 0)
+        if cfg.qc.enabled:
+            from daskpath.qc import qc_radius
+
+            d = max(d, qc_radius())
         cy = align_chunks(a.chunks[0], min_size=d)
         cx = align_chunks(a.chunks[1], min_size=d)
         dy, dx = (d if len(cy) > 1 else 0), (d if len(cx) > 1 else 0)

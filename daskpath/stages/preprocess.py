@@ -54,6 +54,11 @@ TILE_COLUMNS = [
     "dy",
     "dx",
     "registered",
+    "qc_pen",
+    "qc_bubble",
+    "qc_fold",
+    "qc_blur",
+    "artefact",
     "keep",
 ]
 """Columns of the tile table after preprocessing. ``ssim`` is the SSIM on the refined
@@ -62,7 +67,12 @@ sections at the same coordinates); ``dy, dx`` are the estimated residual shift (
 at H&E ``(y, x)`` lies at IHC ``(y + dy, x + dx)``), NaN where no estimate was made (tissue
 below ``registration.min_tissue``, no signal, a sliver at the slide edge); an estimate beyond
 ``registration.max_shift`` or one that does not raise the SSIM is reported but not used
-(``registered`` false)."""
+(``registered`` false). ``qc_<kind>`` is the share of the tile flagged as that artefact
+in either section (:mod:`daskpath.qc`; NaN with ``qc.enabled: false``) and ``artefact`` the
+kinds above ``qc.max_fraction`` ('' when none); with ``qc.exclude`` those tiles are not kept."""
+
+QC_COLUMNS = ("qc_pen", "qc_bubble", "qc_fold", "qc_blur")
+"""Per-tile artefact fractions, in the order of :data:`daskpath.qc.ARTEFACT_KINDS`."""
 
 REGISTER_BATCH = 8
 """Tiles per registration task (each reads 2 x 8 tiles plus margins: ~60 MB at 1024 px)."""
@@ -74,9 +84,33 @@ LAYER_CHANNELS = ("tissue_he", "tissue_ihc", "ssim")
 """Channels of the layers image ``layers/<slide>.zarr`` (NGFF ``c`` axis, in this order)."""
 
 
-def keep_mask(tissue_fraction, ssim, cfg):
-    """The keep rule: enough tissue in both sections and SSIM at least ``ssim.threshold``."""
-    return (tissue_fraction >= cfg.tiles.min_tissue) & (ssim >= cfg.ssim.threshold)
+def keep_mask(tissue_fraction, ssim, cfg, artefact=None):
+    """The keep rule: enough tissue in both sections, SSIM at least ``ssim.threshold`` and, with
+    ``qc.exclude``, no artefact (``artefact``: the tiles' artefact labels, '' for none)."""
+    keep = (tissue_fraction >= cfg.tiles.min_tissue) & (ssim >= cfg.ssim.threshold)
+    if artefact is not None and cfg.qc.exclude:
+        keep = keep & (np.asarray(artefact, dtype=object) == "")
+    return keep
+
+
+def artefact_labels(tiles: pd.DataFrame, cfg) -> np.ndarray:
+    """Per tile the artefact kinds whose flagged share exceeds ``qc.max_fraction``, comma-joined
+    ('' for none; tiles without QC columns or with NaN fractions have none)."""
+    n = len(tiles)
+    out = np.full(n, "", dtype=object)
+    for col in QC_COLUMNS:
+        if col not in tiles:
+            continue
+        hit = np.nan_to_num(tiles[col].to_numpy(np.float64), nan=0.0) > cfg.qc.max_fraction
+        kind = col.removeprefix("qc_")
+        out[hit] = [f"{a},{kind}" if a else kind for a in out[hit]]
+    return out
+
+
+def tile_keep(tiles: pd.DataFrame, cfg) -> np.ndarray:
+    """The keep rule applied to a tile table (its ``tissue_fraction``, ``ssim`` and QC columns)."""
+    return np.asarray(keep_mask(tiles["tissue_fraction"], tiles["ssim"], cfg,
+                                artefact_labels(tiles, cfg)), dtype=bool)
 
 
 @dataclass
@@ -121,6 +155,7 @@ def preprocess_chunk(
     layers: str | None,
     factor: int,
     step: int,
+    qc: bool = False,
 ) -> dict[str, np.ndarray]:
     """All preprocessing of one chunk in one task.
 
@@ -128,7 +163,8 @@ def preprocess_chunk(
     computes the tissue masks and the SSIM map on the halo'd block with the filters' own border
     rule at the true slide edge, keeps the core (equal to the whole-image computation, since the
     halo covers every filter radius), reduces it to per-tile partial sums, and writes its region
-    of the layers.
+    of the layers. With ``qc``, the artefact masks (:func:`daskpath.qc.artefact_block`, both
+    sections, on a wider halo read once) add their per-tile sums (:data:`QC_COLUMNS`).
     """
     from daskpath._halo import read_with_halo
     from daskpath.monitor import count
@@ -138,14 +174,26 @@ def preprocess_chunk(
 
     y0, y1, x0, x1 = loc
     d = max(ssim_radius(ssim_sigma), tissue_radius(tissue_sigma) if tissue_sigma > 0 else 0)
-    he, core = read_with_halo(he_src, loc, shape, d)
-    ihc, _ = read_with_halo(ihc_src, loc, shape, d)
+    qc_maps: list[np.ndarray] = []
+    if qc:
+        from daskpath.qc import ARTEFACT_BITS, ARTEFACT_KINDS, artefact_block, qc_radius
+
+        big_he, big_core = read_with_halo(he_src, loc, shape, max(d, qc_radius()))
+        big_ihc, _ = read_with_halo(ihc_src, loc, shape, max(d, qc_radius()))
+        origin = (y0 - big_core[0].start, x0 - big_core[1].start)
+        bits = artefact_block(big_he, origin)[big_core] | artefact_block(big_ihc, origin)[big_core]
+        qc_maps = [((bits & ARTEFACT_BITS[k]) > 0).astype(np.float32) for k in ARTEFACT_KINDS]
+        he, core = _narrow_halo(big_he, big_core, d)
+        ihc, _ = _narrow_halo(big_ihc, big_core, d)
+    else:
+        he, core = read_with_halo(he_src, loc, shape, d)
+        ihc, _ = read_with_halo(ihc_src, loc, shape, d)
     t_he = tissue_block(he, tissue_threshold, tissue_sigma)[core]
     t_ihc = tissue_block(ihc, tissue_threshold, tissue_sigma)[core]
     wdt = np.dtype(ssim_dtype).type
     ssim = ssim_block(gray(he, wdt), gray(ihc, wdt), sigma=ssim_sigma)[core]
     he, ihc = he[core], ihc[core]
-    sums, (ty, tx) = chunk_tile_sums([t_he, t_ihc, ssim], loc, tile)
+    sums, (ty, tx) = chunk_tile_sums([t_he, t_ihc, ssim, *qc_maps], loc, tile)
     count("chunks_processed")
     count("pixels_processed", float(t_he.size))
     # each tile counted once: by the chunk holding its top-left corner
@@ -153,6 +201,16 @@ def preprocess_chunk(
     if layers is not None:
         _write_layers(layers, loc, factor, step, t_he, t_ihc, ssim, he, ihc)
     return {"sums": sums, "origin": np.array([ty, tx], dtype=np.int64)}
+
+
+def _narrow_halo(block: np.ndarray, core: tuple[slice, slice], d: int
+                 ) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """The part of a halo'd ``block`` that has at most ``d`` px of halo around ``core`` (as
+    :func:`daskpath._halo.read_with_halo` with depth ``d`` would have read it)."""
+    ya, xa = max(0, core[0].start - d), max(0, core[1].start - d)
+    yb, xb = min(block.shape[0], core[0].stop + d), min(block.shape[1], core[1].stop + d)
+    return block[ya:yb, xa:xb], (slice(core[0].start - ya, core[0].stop - ya),
+                                 slice(core[1].start - xa, core[1].stop - xa))
 
 
 def _write_layers(layers: str, loc, factor: int, step: int, t_he, t_ihc, ssim, he, ihc) -> None:
@@ -187,6 +245,8 @@ def layer_images(layers: Path) -> list[Path]:
 
 def combine_sums(parts: list[dict[str, np.ndarray]], n_ty: int, n_tx: int, k: int) -> np.ndarray:
     """Add the chunks' per-tile partial sums into one (n_ty, n_tx, k) array."""
+    if parts:  # what the chunks computed (3 maps, + 4 with QC)
+        k = int(parts[0]["sums"].shape[-1])
     total = np.zeros((n_ty, n_tx, k), dtype=np.float64)
     for p in parts:
         ty, tx = (int(v) for v in p["origin"])
@@ -254,6 +314,8 @@ def tiles_from_sums(slide: str, shape: tuple[int, int], sums: np.ndarray, cfg) -
     ssim = flat[:, 2] / area
     tissue = np.minimum(t_he, t_ihc)
     nan = np.full(len(grid), np.nan)
+    qc = {c: (flat[:, 3 + i] / area if flat.shape[1] > 3 else nan)
+          for i, c in enumerate(QC_COLUMNS)}
     df = pd.DataFrame(
         {
             "slide": slide,
@@ -265,13 +327,15 @@ def tiles_from_sums(slide: str, shape: tuple[int, int], sums: np.ndarray, cfg) -
             "tissue_fraction_he": t_he,
             "tissue_fraction_ihc": t_ihc,
             "ssim": ssim,
-            "keep": keep_mask(tissue, ssim, cfg),
             "ssim_rigid": ssim,
             "dy": nan,
             "dx": nan,
             "registered": np.zeros(len(grid), dtype=bool),
+            **qc,
         }
     )
+    df["artefact"] = artefact_labels(df, cfg)
+    df["keep"] = tile_keep(df, cfg)
     return df[TILE_COLUMNS]
 
 
@@ -314,7 +378,7 @@ def apply_registration(tiles: pd.DataFrame, results: list[tuple[np.ndarray, np.n
         tiles.iloc[rows, tiles.columns.get_loc("dx")] = res[:, 1]
         tiles.iloc[rows, tiles.columns.get_loc("ssim")] = res[:, 2]
         tiles.iloc[rows, tiles.columns.get_loc("registered")] = res[:, 3] > 0
-    tiles["keep"] = keep_mask(tiles["tissue_fraction"], tiles["ssim"], cfg)
+    tiles["keep"] = tile_keep(tiles, cfg)
     return tiles
 
 
@@ -335,6 +399,8 @@ def summarize_slide(tiles: pd.DataFrame, cfg, mpp: float | None) -> dict:
         "mean_ssim_kept": float(kept["ssim"].mean()) if len(kept) else np.nan,
         "tissue_area_px": int(round(area_px)),
         "tissue_area_mm2": area_px * (mpp / 1000.0) ** 2 if mpp else np.nan,
+        "tiles_registered": int(tiles["registered"].sum()) if "registered" in tiles else 0,
+        "tiles_artefact": int((tissue_tiles["artefact"] != "").sum()) if "artefact" in tiles else 0,
         "note": "",
     }
     if area_px <= 0:
@@ -342,6 +408,10 @@ def summarize_slide(tiles: pd.DataFrame, cfg, mpp: float | None) -> dict:
     elif not len(tissue_tiles):
         row["note"] = (f"tissue found, but no tile has tissue_fraction >= tiles.min_tissue "
                        f"({cfg.tiles.min_tissue}): lower tiles.min_tissue or tiles.size")
+    elif not len(kept) and "artefact" in tiles and (
+            tissue_tiles["ssim"] >= cfg.ssim.threshold).any():
+        row["note"] = ("every tile with enough tissue and SSIM has an artefact (qc_* columns): "
+                       "check the slide, or set qc.exclude: false")
     elif not len(kept):
         row["note"] = "no tile passed ssim.threshold: check the pair is registered"
     return row
@@ -352,9 +422,9 @@ class PreprocessStage(Stage):
 
     name = "preprocess"
     # 2: layers written as OME-NGFF 0.5 images (c, y, x + pyramid + thumbnails/)
-    # 3: per-tile registration refinement (ssim_rigid, dy, dx, registered)
+    # 3: per-tile registration refinement (ssim_rigid, dy, dx, registered); artefact QC
     version = 3
-    config_sections = ("chunk_size", "tiles", "tissue", "ssim", "layers", "registration")
+    config_sections = ("chunk_size", "tiles", "tissue", "ssim", "layers", "registration", "qc")
 
     def keys(self, cfg) -> dict[str, Any]:
         return {
@@ -367,6 +437,7 @@ class PreprocessStage(Stage):
             "layers.downsample": cfg.layers.downsample,
             "registration": ([cfg.registration.max_shift, cfg.registration.min_tissue]
                              if cfg.registration.enabled else False),
+            "qc.enabled": cfg.qc.enabled,
         }
 
     def artefacts(self, cfg) -> list[Artefact]:
@@ -403,6 +474,7 @@ class PreprocessStage(Stage):
             layers=str(layers) if layers is not None else None,
             factor=f,
             step=step,
+            qc=cfg.qc.enabled,
         )
         from daskpath.resume import chunk_grid
 
@@ -446,12 +518,14 @@ class PreprocessStage(Stage):
         return part
 
     def tile_columns(self, part, keep, cfg) -> dict[str, Any]:
-        cols = {c: part[c].to_numpy() for c in TILE_COLUMNS if c != "keep"}
+        cols = {c: part[c].to_numpy() for c in TILE_COLUMNS if c not in ("keep", "artefact")}
+        cols["artefact"] = artefact_labels(part, cfg)  # under this run's qc.max_fraction
         cols["keep"] = keep
         return cols
 
     def summarize(self, part, keep, cfg) -> dict[str, Any]:
         tiles = part.drop(columns=["mpp"], errors="ignore").copy()
+        tiles["artefact"] = artefact_labels(part, cfg)
         tiles["keep"] = keep
         mpp = float(part["mpp"].iloc[0]) if len(part) and part["mpp"].notna().any() else None
         return summarize_slide(tiles, cfg, mpp)

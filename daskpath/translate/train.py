@@ -36,11 +36,30 @@ slide-level train/test split (:mod:`daskpath.translate.tilepairs`), trains on th
 only and writes ``evaluation.json`` for the held-out slides
 (:func:`daskpath.translate.evaluate.evaluate_pairs`). Crops are random, with flips and 90-degree rotations applied to both images alike.
 Everything random is drawn from ``seed`` (torch, numpy), so a run is reproducible on one machine.
+
+Streaming (``--from-run``, default ``--stream``): training reads random crops of the train
+tiles from the run's slides on demand (:class:`daskpath.translate.data.TileStream`, the IHC on
+the refined alignment), through a ``DataLoader`` with ``--loader-workers`` processes
+(default ``min(4, cores - 1)``), so memory does not grow with the number of tiles; crops are a
+function of ``(seed, epoch, index)``, so they do not depend on the number of workers and a
+resumed run trains on what an uninterrupted one would. The export is still written (the
+reference's folder layout, and the held-out tiles the evaluation reads); ``--no-stream`` trains
+on the exported PNGs held in memory, as before.
+
+Mixed precision (``--amp``, default on with ``--device cuda``, refused on CPU):
+``torch.autocast`` in ``float16`` with a ``GradScaler`` (``--amp-dtype bfloat16``: no scaler).
+Several GPUs (or CPU processes): launch with ``torchrun --nproc_per_node N -m
+daskpath.translate.train ...``; each process trains on its own share of the samples
+(``--batch-size`` per process), G and D are wrapped in ``DistributedDataParallel`` (NCCL on
+CUDA, Gloo on CPU; in G's step D is called outside its wrapper, frozen), rank 0 alone exports,
+writes checkpoints and ``loss_log.csv`` (its own losses), and evaluates; ``--log-samples``
+writes each rank's samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -73,6 +92,10 @@ __all__ = [
     "pool_instance_norms",
     "gaussian_pyramid",
     "pyramid_l1",
+    "Precision",
+    "resolve_precision",
+    "DistInfo",
+    "init_distributed",
     "train",
     "main",
 ]
@@ -112,6 +135,9 @@ class TrainConfig:
     threads: int | None = None
     train_norm: str = "instance"  # "pooled": G's instance norms use batch-pooled statistics
     init_from: str = ""  # start G from this checkpoint (.pth or model folder) instead of random
+    loader_workers: int | None = None  # DataLoader processes of a streamed dataset (None: min(4, cores-1))
+    amp: bool | None = None  # mixed precision: None = on with CUDA, off on CPU
+    amp_dtype: str = "float16"  # or "bfloat16" (no GradScaler)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,6 +158,12 @@ class TrainConfig:
             raise ConfigError(f"train: train_norm={self.train_norm!r} must be instance or pooled")
         if self.train_norm == "pooled" and self.norm != "instance":
             raise ConfigError("train: train_norm='pooled' applies to norm='instance' generators only")
+        lw = self.loader_workers
+        if lw is not None and not (isinstance(lw, int) and lw >= 0):
+            raise ConfigError(f"train: loader_workers={self.loader_workers!r} must be an integer >= 0 "
+                              "(0: read in the training process)")
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            raise ConfigError(f"train: amp_dtype={self.amp_dtype!r} must be float16 or bfloat16")
 
     def spec(self) -> GeneratorSpec:
         return GeneratorSpec(arch=self.arch, ngf=self.ngf, norm=self.norm, dropout=self.dropout,
@@ -439,27 +471,136 @@ def _plot(csv_path: Path, png_path: Path) -> None:
     os.replace(tmp, png_path)
 
 
+@dataclass(frozen=True)
+class Precision:
+    """Mixed precision of a training run: autocast ``dtype`` on ``device_type`` (``None``: off).
+
+    ``float16`` runs with a :class:`torch.amp.GradScaler` (dynamic loss scaling); ``bfloat16``
+    has float32's range and needs none. When off, :meth:`autocast` is a null context and the
+    scaler a pass-through, so the training step is the same code either way.
+    """
+
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+
+def resolve_precision(device: str | torch.device, amp: bool | None, amp_dtype: str = "float16") -> Precision:
+    """The :class:`Precision` of ``--amp`` on ``device``: ``None`` means on for CUDA, off otherwise.
+
+    Raises
+    ------
+    ConfigError
+        ``amp=True`` on a device other than CUDA, or an unknown ``amp_dtype``.
+    """
+    dev = torch.device(device)
+    if amp_dtype not in ("float16", "bfloat16"):
+        raise ConfigError(f"train: amp_dtype={amp_dtype!r} must be float16 or bfloat16")
+    if amp and dev.type != "cuda":
+        raise ConfigError(f"train: --amp needs --device cuda (mixed precision is not used on {dev.type}); "
+                          "drop --amp or pass --device cuda")
+    on = dev.type == "cuda" if amp is None else bool(amp)
+    return Precision(dev.type, getattr(torch, amp_dtype) if on else None)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a ``torchrun`` launch (``rank 0 of 1`` when not launched so)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise ConfigError(f"train: environment variable {name}={os.environ[name]!r} is not an integer; "
+                          "launch with torchrun") from None
+
+
+def init_distributed(device: str = "cpu") -> tuple[DistInfo, str]:
+    """Join the process group of a ``torchrun`` launch (``WORLD_SIZE > 1``); idempotent.
+
+    Backend NCCL for a CUDA device, Gloo otherwise. Returns this process's :class:`DistInfo`
+    and its device: ``cuda:<LOCAL_RANK>`` under ``torchrun`` with a CUDA device.
+    """
+    info = DistInfo(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0),
+                    _env_int("LOCAL_WORLD_SIZE", 1))
+    if not info.distributed:
+        return info, device
+    import torch.distributed as dist
+
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        device = f"cuda:{info.local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return info, device
+
+
+def _raw(net: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (or ``net`` itself)."""
+    return getattr(net, "module", net)
+
+
+def _to_unit(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """``(N, H, W, 3)`` uint8 (from a loader) -> ``(N, 3, H, W)`` float in [-1, 1] on ``dev``."""
+    x = x.to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
+    return x.div_(127.5).sub_(1.0)
+
+
 def train(
     cfg: TrainConfig,
-    pairs: list[tuple[np.ndarray, np.ndarray]],
+    pairs,
     out_dir: str | os.PathLike[str],
     *,
     resume: bool = False,
     progress: bool = True,
     device: str = "cpu",
+    log_samples: bool = False,
 ) -> Path:
     """Train a generator on ``pairs`` and write a model folder + logs into ``out_dir``.
 
     Parameters
     ----------
     cfg : TrainConfig
-        Mode, architecture, schedule and loss weights.
-    pairs : list of (A, B) uint8 arrays
-        Aligned pairs for pix2pix/pyramid; CycleGAN samples A and B independently.
+        Mode, architecture, schedule, loss weights, loader workers, mixed precision.
+    pairs : list of (A, B) uint8 arrays, or a :class:`~daskpath.translate.data.CropDataset`
+        Aligned pairs held in memory (cropped by :class:`PairSampler`), or a dataset read
+        through a ``DataLoader`` (e.g. :class:`~daskpath.translate.data.TileStream`, which
+        reads crops from the slides on demand). CycleGAN samples A and B independently.
     out_dir : path
         Checkpoints, ``daskpath.json``, ``loss_log.csv`` / ``.png``.
     resume : bool
         Continue from ``out_dir/train_state.pt`` and the latest checkpoints.
+    device : str
+        ``"cpu"``, ``"cuda"``; under ``torchrun`` each process takes ``cuda:<LOCAL_RANK>``.
+    log_samples : bool
+        With a dataset: every process writes ``samples_rank<r>.csv`` (epoch, index and the
+        tile/crop of each sample it trained on).
 
     Returns
     -------
@@ -468,14 +609,25 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    from daskpath.translate.data import CropDataset, default_loader_workers, make_loader
+
+    dist_info, device = init_distributed(device)
+    is_main = dist_info.is_main
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _seed_all(cfg.seed)
     dev = torch.device(device)
+    prec = resolve_precision(dev, cfg.amp, cfg.amp_dtype)
+    streaming = isinstance(pairs, CropDataset)
     spec = cfg.spec()
     cyc = cfg.mode == "cyclegan"
+    if streaming and pairs.paired == cyc:
+        raise ConfigError(f"train: the dataset is {'paired' if pairs.paired else 'unpaired'} but mode {cfg.mode} "
+                          f"needs {'unpaired' if cyc else 'paired'} crops; build it with paired={not cyc}")
+    if streaming and pairs.crop != cfg.crop:
+        raise ConfigError(f"train: the dataset crops {pairs.crop} px but crop={cfg.crop}; build it with crop={cfg.crop}")
     nets: dict[str, nn.Module] = {"G_A" if cyc else "G": init_weights(build_generator(spec))}
     if cyc:
         nets["G_B"] = init_weights(build_generator(spec))
@@ -495,6 +647,7 @@ def train(
     opt_g = torch.optim.Adam([p for k in gnames for p in nets[k].parameters()], lr=cfg.lr, betas=(cfg.beta1, 0.999))
     opt_d = torch.optim.Adam([p for k in dnames for p in nets[k].parameters()], lr=cfg.lr, betas=(cfg.beta1, 0.999))
     sch = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg)) for o in (opt_g, opt_d)]
+    scaler = prec.scaler()
     start = 0
     state_path = out / "train_state.pt"
     if resume:
@@ -507,124 +660,188 @@ def train(
         opt_d.load_state_dict(st["opt_d"])
         for s, sd in zip(sch, st["sched"]):
             s.load_state_dict(sd)
+        if "scaler" in st and scaler.is_enabled():
+            scaler.load_state_dict(st["scaler"])
         start = int(st["epoch"])
         # the schedule follows this run's epochs/epochs_decay (a resume may extend training)
         for o in (opt_g, opt_d):
             for g in o.param_groups:
                 g["lr"] = cfg.lr * _lr_lambda(cfg)(start)
+    if dist_info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [dev.index] if dev.type == "cuda" else None
+        nets = {k: DDP(n, device_ids=ids) for k, n in nets.items()}  # rank 0's weights broadcast
     total = cfg.epochs + cfg.epochs_decay
-    sampler = PairSampler(pairs, cfg.crop, paired=not cyc)
+    if streaming:
+        workers = (cfg.loader_workers if cfg.loader_workers is not None
+                   else default_loader_workers(dist_info.local_world_size))
+        loader, esampler = make_loader(pairs, cfg.batch_size, cfg.steps_per_epoch, workers=workers,
+                                       rank=dist_info.rank, world_size=dist_info.world_size,
+                                       pin_memory=dev.type == "cuda", seed=cfg.seed)
+    else:
+        sampler = PairSampler(pairs, cfg.crop, paired=not cyc)
     gan = GANLoss(cfg.gan_mode).to(dev)
     pools = (ImagePool(cfg.pool_size, cfg.seed), ImagePool(cfg.pool_size, cfg.seed + 1)) if cyc else None
     csv_path = out / "loss_log.csv"
-    if not resume and csv_path.exists():
+    if is_main and not resume and csv_path.exists():
         csv_path.unlink()
     spec_full = replace(spec, weights="latest_net_G_A.pth" if cyc else "latest_net_G.pth",
-                        extra={"training": {**asdict(cfg), **{"n_pairs": len(pairs)}}})
+                        extra={"training": {**asdict(cfg), "n_pairs": len(pairs),
+                                            "world_size": dist_info.world_size, "streamed": streaming,
+                                            "precision": str(prec.dtype or "float32")}})
     t0 = time.time()
     from daskpath.runner import _interactive
 
     # a bar on a terminal; in a log file (no control characters) one line per epoch instead
     bar = tqdm(total=(total - start) * cfg.steps_per_epoch, desc=f"train {cfg.mode}",
-               disable=not (progress and _interactive()))
-    writer_f = open(csv_path, "a", newline="")
+               disable=not (is_main and progress and _interactive()))
+    writer_f = open(csv_path, "a", newline="") if is_main else None
     writer = None
+    samples_f = None
+    if streaming and log_samples:
+        samples_path = out / f"samples_rank{dist_info.rank}.csv"
+        samples_f = open(samples_path, "a" if resume else "w", newline="")
+        samples_w = csv.writer(samples_f)
+        if samples_f.tell() == 0:
+            samples_w.writerow(["rank", "epoch", "index", "pair", "slide", "y0", "x0", "y", "x"])
+    step_fn = _step_cyclegan if cyc else _step_pix2pix
     try:
         for epoch in range(start, total):
-            rng = np.random.default_rng([cfg.seed, epoch])  # same data order on resume
+            if streaming:
+                esampler.set_epoch(epoch)
+                batches = iter(loader)
+            else:  # same data order on resume; each rank its own draws
+                rng = np.random.default_rng([cfg.seed, epoch] if not dist_info.distributed
+                                            else [cfg.seed, epoch, dist_info.rank])
             torch.manual_seed(cfg.seed * 100003 + epoch)
             for step in range(cfg.steps_per_epoch):
-                a, b = sampler.batch(cfg.batch_size, rng)
-                a, b = a.to(dev), b.to(dev)
-                losses = (_step_cyclegan if cyc else _step_pix2pix)(cfg, nets, opt_g, opt_d, gan, a, b, pools)
-                row = {"epoch": epoch + 1, "step": epoch * cfg.steps_per_epoch + step + 1,
-                       "lr": opt_g.param_groups[0]["lr"], **losses, "seconds": round(time.time() - t0, 2)}
-                if writer is None:
-                    writer = csv.DictWriter(writer_f, fieldnames=list(row))
-                    if writer_f.tell() == 0:
-                        writer.writeheader()
-                writer.writerow(row)
+                if streaming:
+                    a8, b8, keys = next(batches)
+                    a, b = _to_unit(a8, dev), _to_unit(b8, dev)
+                    if samples_f is not None:
+                        for k in keys.tolist():
+                            slide, y0, x0 = (pairs.tile(k[2]) if hasattr(pairs, "tile") else ("", 0, 0))
+                            samples_w.writerow([dist_info.rank, k[0], k[1], k[2], slide, y0, x0, k[3], k[4]])
+                else:
+                    a, b = sampler.batch(cfg.batch_size, rng)
+                    a, b = a.to(dev), b.to(dev)
+                losses = step_fn(cfg, nets, opt_g, opt_d, gan, a, b, pools, prec, scaler)
+                if writer_f is not None:
+                    row = {"epoch": epoch + 1, "step": epoch * cfg.steps_per_epoch + step + 1,
+                           "lr": opt_g.param_groups[0]["lr"], **losses, "seconds": round(time.time() - t0, 2)}
+                    if writer is None:
+                        writer = csv.DictWriter(writer_f, fieldnames=list(row))
+                        if writer_f.tell() == 0:
+                            writer.writeheader()
+                    writer.writerow(row)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k.startswith("G")})
             for s in sch:
                 s.step()
-            for k, n in nets.items():
-                _save(n, out / f"latest_net_{k}.pth")
-                if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == total:
-                    _save(n, out / f"{epoch + 1}_net_{k}.pth")
-            tmp = state_path.with_name("train_state.tmp")
-            torch.save({"epoch": epoch + 1, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                        "sched": [s.state_dict() for s in sch]}, tmp)
-            os.replace(tmp, state_path)
-            writer_f.flush()
-            if progress and bar.disable:
+            if is_main:
+                for k, n in nets.items():
+                    _save(_raw(n), out / f"latest_net_{k}.pth")
+                    if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == total:
+                        _save(_raw(n), out / f"{epoch + 1}_net_{k}.pth")
+                tmp = state_path.with_name("train_state.tmp")
+                st = {"epoch": epoch + 1, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                      "sched": [s.state_dict() for s in sch]}
+                if scaler.is_enabled():
+                    st["scaler"] = scaler.state_dict()
+                torch.save(st, tmp)
+                os.replace(tmp, state_path)
+                writer_f.flush()
+            if samples_f is not None:
+                samples_f.flush()
+            if is_main and progress and bar.disable:
                 log.info("train %s: epoch %d of %d done (%.0f s)", cfg.mode, epoch + 1, total,
                          time.time() - t0)
     finally:
-        writer_f.close()
+        for f in (writer_f, samples_f):
+            if f is not None:
+                f.close()
         bar.close()
-    tmp = out / (SPEC_NAME + ".tmp")
-    tmp.write_text(json.dumps(spec_full.to_json(), indent=2) + "\n")
-    os.replace(tmp, out / SPEC_NAME)
-    _plot(csv_path, out / "loss_log.png")
+        if streaming:
+            del loader  # persistent workers end with the loader
+    if dist_info.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank done before the model folder is declared complete
+    if is_main:
+        tmp = out / (SPEC_NAME + ".tmp")
+        tmp.write_text(json.dumps(spec_full.to_json(), indent=2) + "\n")
+        os.replace(tmp, out / SPEC_NAME)
+        _plot(csv_path, out / "loss_log.png")
     return out
 
 
-def _step_pix2pix(cfg, nets, opt_g, opt_d, gan, a, b, _pools) -> dict[str, float]:
+def _step_pix2pix(cfg, nets, opt_g, opt_d, gan, a, b, _pools, prec=Precision(), scaler=None) -> dict[str, float]:
     g, d = nets["G"], nets["D"]
-    fake = g(a)
+    scaler = scaler if scaler is not None else prec.scaler()
+    with prec.autocast():
+        fake = g(a)
     # D: real pairs vs fake pairs
     for p in d.parameters():
         p.requires_grad_(True)
     opt_d.zero_grad(set_to_none=True)
-    loss_d_fake = gan(d(torch.cat([a, fake.detach()], 1)), False)
-    loss_d_real = gan(d(torch.cat([a, b], 1)), True)
-    loss_d = 0.5 * (loss_d_fake + loss_d_real)
-    loss_d.backward()
-    opt_d.step()
-    # G: fool D + L1 (pix2pix) or multi-scale L1 (pyramid)
+    with prec.autocast():
+        loss_d_fake = gan(d(torch.cat([a, fake.detach()], 1)), False)
+        loss_d_real = gan(d(torch.cat([a, b], 1)), True)
+        loss_d = 0.5 * (loss_d_fake + loss_d_real)
+    scaler.scale(loss_d).backward()
+    scaler.step(opt_d)
+    # G: fool D + L1 (pix2pix) or multi-scale L1 (pyramid); D frozen and called outside DDP
     for p in d.parameters():
         p.requires_grad_(False)
     opt_g.zero_grad(set_to_none=True)
-    loss_gan = gan(d(torch.cat([a, fake], 1)), True) * cfg.lambda_gan
-    l1 = F.l1_loss(fake, b)
-    loss_l1 = l1 * (cfg.lambda_pyramid if cfg.mode == "pyramid" else cfg.lambda_l1)
-    out = {"G_GAN": loss_gan.item(), "G_L1": loss_l1.item()}
-    loss_g = loss_gan + loss_l1
-    if cfg.mode == "pyramid":  # the three coarser scales, same weight as the full one
-        loss_p = (pyramid_l1(fake, b) - l1) * cfg.lambda_pyramid
-        loss_g = loss_g + loss_p
-        out["G_pyramid"] = loss_p.item()
-    loss_g.backward()
-    opt_g.step()
+    with prec.autocast():
+        loss_gan = gan(_raw(d)(torch.cat([a, fake], 1)), True) * cfg.lambda_gan
+        l1 = F.l1_loss(fake.float(), b)
+        loss_l1 = l1 * (cfg.lambda_pyramid if cfg.mode == "pyramid" else cfg.lambda_l1)
+        out = {"G_GAN": loss_gan.item(), "G_L1": loss_l1.item()}
+        loss_g = loss_gan + loss_l1
+        if cfg.mode == "pyramid":  # the three coarser scales, same weight as the full one
+            loss_p = (pyramid_l1(fake.float(), b) - l1) * cfg.lambda_pyramid
+            loss_g = loss_g + loss_p
+            out["G_pyramid"] = loss_p.item()
+    scaler.scale(loss_g).backward()
+    scaler.step(opt_g)
+    scaler.update()
     out.update(D_real=loss_d_real.item(), D_fake=loss_d_fake.item())
     return out
 
 
-def _step_cyclegan(cfg, nets, opt_g, opt_d, gan, a, b, pools) -> dict[str, float]:
+def _step_cyclegan(cfg, nets, opt_g, opt_d, gan, a, b, pools, prec=Precision(), scaler=None) -> dict[str, float]:
     ga, gb, da_, db_ = nets["G_A"], nets["G_B"], nets["D_A"], nets["D_B"]
+    scaler = scaler if scaler is not None else prec.scaler()
     for p in [*da_.parameters(), *db_.parameters()]:
         p.requires_grad_(False)
     opt_g.zero_grad(set_to_none=True)
-    fake_b, fake_a = ga(a), gb(b)
-    rec_a, rec_b = gb(fake_b), ga(fake_a)
     lam, lid = cfg.lambda_cycle, cfg.lambda_identity
-    loss_idt_a = F.l1_loss(ga(b), b) * lam * lid if lid > 0 else torch.zeros((), device=a.device)
-    loss_idt_b = F.l1_loss(gb(a), a) * lam * lid if lid > 0 else torch.zeros((), device=a.device)
-    loss_g_a = gan(da_(fake_b), True) * cfg.lambda_gan
-    loss_g_b = gan(db_(fake_a), True) * cfg.lambda_gan
-    loss_cyc_a = F.l1_loss(rec_a, a) * lam
-    loss_cyc_b = F.l1_loss(rec_b, b) * lam
-    (loss_g_a + loss_g_b + loss_cyc_a + loss_cyc_b + loss_idt_a + loss_idt_b).backward()
-    opt_g.step()
+    with prec.autocast():
+        fake_b, fake_a = ga(a), gb(b)
+        rec_a, rec_b = gb(fake_b), ga(fake_a)
+        loss_idt_a = F.l1_loss(ga(b), b) * lam * lid if lid > 0 else torch.zeros((), device=a.device)
+        loss_idt_b = F.l1_loss(gb(a), a) * lam * lid if lid > 0 else torch.zeros((), device=a.device)
+        loss_g_a = gan(_raw(da_)(fake_b), True) * cfg.lambda_gan
+        loss_g_b = gan(_raw(db_)(fake_a), True) * cfg.lambda_gan
+        loss_cyc_a = F.l1_loss(rec_a, a) * lam
+        loss_cyc_b = F.l1_loss(rec_b, b) * lam
+        loss_g = loss_g_a + loss_g_b + loss_cyc_a + loss_cyc_b + loss_idt_a + loss_idt_b
+    scaler.scale(loss_g).backward()
+    scaler.step(opt_g)
     for p in [*da_.parameters(), *db_.parameters()]:
         p.requires_grad_(True)
     opt_d.zero_grad(set_to_none=True)
     fb, fa = pools[0].query(fake_b), pools[1].query(fake_a)
-    loss_d_a = 0.5 * (gan(da_(b), True) + gan(da_(fb), False))
-    loss_d_b = 0.5 * (gan(db_(a), True) + gan(db_(fa), False))
-    (loss_d_a + loss_d_b).backward()
-    opt_d.step()
+    with prec.autocast():
+        loss_d_a = 0.5 * (gan(da_(b), True) + gan(da_(fb), False))
+        loss_d_b = 0.5 * (gan(db_(a), True) + gan(db_(fa), False))
+        loss_d = loss_d_a + loss_d_b
+    scaler.scale(loss_d).backward()
+    scaler.step(opt_d)
+    scaler.update()
     return {"G_A": loss_g_a.item(), "G_B": loss_g_b.item(), "G_cycle_A": loss_cyc_a.item(),
             "G_cycle_B": loss_cyc_b.item(), "G_idt_A": loss_idt_a.item(), "G_idt_B": loss_idt_b.item(),
             "D_A": loss_d_a.item(), "D_B": loss_d_b.item()}
@@ -652,6 +869,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 "slide-level statistics at inference)")
         elif k == "threads":
             p.add_argument(flag, type=int, default=None)
+        elif k == "loader_workers":
+            p.add_argument(flag, type=int, default=None, metavar="N",
+                           help="DataLoader worker processes reading a streamed dataset (default "
+                                "min(4, cores - 1), per process under torchrun; 0: read in the "
+                                "training process)")
+        elif k == "amp":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help="mixed precision (autocast + GradScaler); default on with --device "
+                                "cuda, off on CPU (where --amp is refused)")
+        elif k == "amp_dtype":
+            p.add_argument(flag, choices=["float16", "bfloat16"], default=v,
+                           help="autocast dtype with --amp (bfloat16: no loss scaling)")
         else:
             p.add_argument(flag, type=type(v), default=v)
     p.add_argument("--data", default="phantom",
@@ -673,6 +902,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainA/trainB/testA/testB (default) or pix2pix's side-by-side train/ test/")
     g.add_argument("--max-tiles-per-slide", type=int, default=None)
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation on the test split")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read training crops from the run's slides on demand (default; memory flat "
+                        "in the number of tiles); --no-stream: train on the exported PNGs held in memory")
+    g.add_argument("--log-samples", action="store_true",
+                   help="with --stream: each process writes OUT_DIR/samples_rank<r>.csv (the "
+                        "epoch, index, tile and crop of every sample it trained on)")
     g.add_argument("--force", action="store_true",
                    help="export into a non-empty folder daskpath did not make (only its own "
                         "names there are replaced)")
@@ -686,56 +921,107 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_pairs(args: argparse.Namespace, cfg: TrainConfig) -> tuple[list, dict, Path]:
-    """Export a run's kept tiles (slide-level split) and load the train split."""
+def _rank0_first(dist_info: DistInfo, fn):
+    """Run ``fn`` on rank 0 only, then let every rank go on (or fail with rank 0's message)."""
+    if not dist_info.distributed:
+        return fn()
+    import torch.distributed as dist
+
+    result, msg, err = None, [None], None
+    if dist_info.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # every rank must hear of it, or the others wait forever
+            msg, err = [str(e) if isinstance(e, DaskpathError) else f"rank 0 failed: {e!r}"], e
+    dist.broadcast_object_list(msg, src=0)
+    if err is not None:
+        raise err
+    if msg[0] is not None:
+        raise DaskpathError(msg[0])
+    return result
+
+
+def _run_pairs(args: argparse.Namespace, cfg: TrainConfig, dist_info: DistInfo = DistInfo()) -> tuple:
+    """Export a run's kept tiles (slide-level split; rank 0) and build the train split's data:
+    a :class:`~daskpath.translate.data.TileStream` (``--stream``, default) or the exported PNGs."""
     from daskpath.translate.tilepairs import export_tile_pairs, run_inputs
 
     if args.data != "phantom":
         raise ConfigError("train: use either --data or --config/--from-run, not both")
     run = run_inputs(args.config, args.from_run, args.slides, args.set)
     export = Path(args.export_dir) if args.export_dir else Path(args.out_dir) / "tile_pairs"
-    table = export_tile_pairs(run, export, test_fraction=args.test_fraction, seed=args.split_seed,
-                              layout=args.layout, max_tiles_per_slide=args.max_tiles_per_slide,
-                              force=args.force)
+    _rank0_first(dist_info, lambda: export_tile_pairs(
+        run, export, test_fraction=args.test_fraction, seed=args.split_seed, layout=args.layout,
+        max_tiles_per_slide=args.max_tiles_per_slide, force=args.force))
+    import pandas as pd
+
+    table = pd.read_csv(export / "pairs.csv")
     train_rows = table[table["split"] == "train"]
     small = train_rows[(train_rows["height"] < cfg.crop) | (train_rows["width"] < cfg.crop)]
-    pairs = [p for p in folder_pairs(export, "train") if min(p[0].shape[:2]) >= cfg.crop]
-    if not pairs:
-        raise ConfigError(f"train: every train tile of {export} is smaller than --crop {cfg.crop}; lower --crop")
-    if len(small):
+    stream = args.stream is not False
+    if stream:
+        from daskpath.translate.data import run_tile_stream
+
+        if len(small) == len(train_rows):
+            raise ConfigError(f"train: every train tile of {export} is smaller than --crop {cfg.crop}; lower --crop")
+        pairs = run_tile_stream(table, run.manifest, crop=cfg.crop, seed=cfg.seed, paired=cfg.mode != "cyclegan",
+                                split="train", chunk_size=run.chunk_size, cache_dir=run.cache_dir)
+    else:
+        pairs = [p for p in folder_pairs(export, "train") if min(p[0].shape[:2]) >= cfg.crop]
+        if not pairs:
+            raise ConfigError(f"train: every train tile of {export} is smaller than --crop {cfg.crop}; lower --crop")
+    if len(small) and dist_info.is_main:
         log.warning("train: %d train tile(s) smaller than crop %d left out", len(small), cfg.crop)
     info = json.loads((export / "split.json").read_text())
     extra = {"data": "run", "run_dir": info["run_dir"], "manifest": info["manifest"], "export_dir": str(export),
              "test_fraction": args.test_fraction, "split_seed": args.split_seed, "layout": args.layout,
-             "train_slides": info["train_slides"], "test_slides": info["test_slides"],
+             "stream": stream, "train_slides": info["train_slides"], "test_slides": info["test_slides"],
              "n_train_tiles": len(pairs), "n_test_tiles": info["n_test_tiles"]}
     return pairs, extra, export
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m daskpath.translate.train`` / ``daskpath train translator``; returns the exit status."""
+    """``python -m daskpath.translate.train`` / ``daskpath train translator``; returns the exit status.
+
+    Under ``torchrun`` every process runs this; rank 0 alone exports, writes and evaluates.
+    """
     args = build_parser().parse_args(argv)
+    created = False
     try:
         kw = {k: getattr(args, k) for k in asdict(TrainConfig()) if k != "extra"}
         cfg = TrainConfig(**kw)
+        resolve_precision(args.device, cfg.amp, cfg.amp_dtype)  # refuse --amp on CPU before any work
         cmd = "python -m daskpath.translate.train " + " ".join(sys.argv[1:] if argv is None else list(argv))
+        import torch.distributed as dist
+
+        was = dist.is_available() and dist.is_initialized()
+        dist_info, device = init_distributed(args.device)
+        created = dist_info.distributed and not was
         export = None
         if args.config or args.from_run:
-            pairs, extra, export = _run_pairs(args, cfg)
-        elif args.data == "phantom":
-            pairs = phantom_pairs(args.phantom_seeds, args.regions, args.region, tuple(args.phantom_size),
-                                  rng_seed=args.seed)
-            extra = {"data": "phantom", "phantom_seeds": args.phantom_seeds, "regions": args.regions,
-                     "region": args.region, "phantom_size": args.phantom_size}
+            pairs, extra, export = _run_pairs(args, cfg, dist_info)
         else:
-            pairs = folder_pairs(args.data)
-            extra = {"data": args.data}
+            if args.stream:
+                raise ConfigError("train: --stream reads a run's slides; use it with --config or --from-run")
+            if args.data == "phantom":
+                pairs = phantom_pairs(args.phantom_seeds, args.regions, args.region, tuple(args.phantom_size),
+                                      rng_seed=args.seed)
+                extra = {"data": "phantom", "phantom_seeds": args.phantom_seeds, "regions": args.regions,
+                         "region": args.region, "phantom_size": args.phantom_size}
+            else:
+                pairs = folder_pairs(args.data)
+                extra = {"data": args.data}
+        if args.log_samples and not (export is not None and extra.get("stream")):
+            raise ConfigError("train: --log-samples logs a streamed dataset; use it with --from-run/--config")
         cfg.extra = {"command": cmd, **extra}
         t = time.time()
         out = train(cfg, pairs, args.out_dir, resume=args.resume, progress=not args.no_progress,
-                    device=args.device)
-        print(f"trained {cfg.mode} {cfg.arch} ngf={cfg.ngf} on {len(pairs)} pair(s) in {time.time() - t:.0f} s -> {out}")
-        if export is not None and not args.no_eval:
+                    device=device, log_samples=args.log_samples)
+        if dist_info.is_main:
+            ranks = f" x {dist_info.world_size} processes" if dist_info.distributed else ""
+            print(f"trained {cfg.mode} {cfg.arch} ngf={cfg.ngf} on {len(pairs)} pair(s){ranks} in "
+                  f"{time.time() - t:.0f} s -> {out}")
+        if export is not None and not args.no_eval and dist_info.is_main:
             from daskpath.outputs import write_json
             from daskpath.translate.evaluate import evaluate_pairs
 
@@ -748,6 +1034,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaskpathError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
 
 
