@@ -44,6 +44,7 @@ __all__ = [
     "gaussian_radius",
     "halo_depth",
     "overlap_2d",
+    "read_padded",
     "read_with_halo",
 ]
 
@@ -257,6 +258,21 @@ def read_with_halo(src: RegionReader, loc: tuple[int, int, int, int], shape: tup
     xa, xb = max(0, x0 - d), min(w, x1 + d)
     block = src[slice(ya, yb), slice(xa, xb)]
     return block, (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
+
+
+def read_padded(src: RegionReader, ya: int, yb: int, xa: int, xb: int,
+                shape: tuple[int, int]) -> np.ndarray:
+    """``src[ya:yb, xa:xb]`` with the slide's edge pixels repeated outside it (NumPy's
+    ``"edge"`` padding, also for a window wholly outside the slide): a window moved by a
+    registration shift, read at any position."""
+    h, w = shape
+    ys = np.clip(np.arange(ya, yb), 0, h - 1)
+    xs = np.clip(np.arange(xa, xb), 0, w - 1)
+    ca, cb, cxa, cxb = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    block = np.asarray(src[slice(ca, cb), slice(cxa, cxb)])
+    if (ca, cb, cxa, cxb) == (ya, yb, xa, xb):
+        return block
+    return block[(ys - ca)[:, None], (xs - cxa)[None, :]]
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,16 +102,6 @@ def estimate_shift(he: np.ndarray, ihc: np.ndarray, *, downsample: int = 2,
     return float(-shift[0] * f), float(-shift[1] * f)
 
 
-def _read_padded(src: Any, ya: int, yb: int, xa: int, xb: int, shape: tuple[int, int]) -> np.ndarray:
-    """``src[ya:yb, xa:xb]`` with the slide's edge pixels repeated outside it (the window must
-    overlap the slide)."""
-    h, w = shape
-    ca, cb, cxa, cxb = max(ya, 0), min(yb, h), max(xa, 0), min(xb, w)
-    block = np.asarray(src[slice(ca, cb), slice(cxa, cxb)])
-    pad = ((ca - ya, yb - cb), (cxa - xa, xb - cxb), (0, 0))
-    return np.pad(block, pad, mode="edge") if any(sum(p) for p in pad) else block
-
-
 def register_tiles(
     *,
     he_src: Any,
@@ -150,6 +140,7 @@ def register_tiles(
         no signal), ``ssim_refined`` (SSIM on the refined alignment; the rigid SSIM when it was
         not used) and ``registered`` (1.0 when the refined alignment was used).
     """
+    from daskpath._halo import read_padded
     from daskpath.similarity import gray, ssim_block, ssim_radius
 
     r = ssim_radius(ssim_sigma)
@@ -174,7 +165,7 @@ def register_tiles(
         sy, sx = int(round(dy)), int(round(dx))
         if sy == 0 and sx == 0:
             continue  # the rigid alignment is the refined one
-        ihc = _read_padded(ihc_src, ya + sy, yb + sy, xa + sx, xb + sx, shape)
+        ihc = read_padded(ihc_src, ya + sy, yb + sy, xa + sx, xb + sx, shape)
         refined = float(ssim_block(gray(he, wdt), gray(ihc, wdt), sigma=ssim_sigma)[core]
                         .mean(dtype=np.float64))
         if refined > rigid:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from daskpath.registration import _read_padded, estimate_shift, register_tiles
+from daskpath._halo import read_padded
+from daskpath.registration import estimate_shift, register_tiles
 from daskpath.synthetic import render_region
 
 SIZE = (4096, 4096)
@@ -85,10 +86,12 @@ def test_register_tiles_refines_rejects_and_skips(field):
 
 def test_read_padded_repeats_the_edge():
     a = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)
-    got = _read_padded(a, -2, 3, 4, 8, (5, 6))
+    got = read_padded(a, -2, 3, 4, 8, (5, 6))
     want = a[np.clip(np.arange(-2, 3), 0, 4)][:, np.clip(np.arange(4, 8), 0, 5)]
     assert np.array_equal(got, want)
-    assert np.array_equal(_read_padded(a, 1, 4, 1, 5, (5, 6)), a[1:4, 1:5])
+    assert np.array_equal(read_padded(a, 1, 4, 1, 5, (5, 6)), a[1:4, 1:5])
+    # wholly outside: the nearest edge pixels
+    assert np.array_equal(read_padded(a, 7, 9, 0, 2, (5, 6)), a[[4, 4]][:, :2])
 
 
 def test_estimates_follow_the_known_deformation_of_realistic_phantoms(tmp_path):

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from daskpath._halo import read_padded
 from daskpath.errors import InvalidInputError
 
 __all__ = ["CropDataset", "TileStream", "EpochSampler", "make_loader", "default_loader_workers",
@@ -115,19 +116,6 @@ class CropDataset(Dataset):
             a, b = a[:, ::-1], b[:, ::-1]
         return (np.ascontiguousarray(a), np.ascontiguousarray(b),
                 np.concatenate([[epoch, index], d]).astype(np.int64))
-
-
-def _read_edge(src: Any, y0: int, x0: int, h: int, w: int, shape: tuple[int, int]) -> np.ndarray:
-    """``src[y0:y0+h, x0:x0+w]`` with the slide's edge pixels repeated outside it (numpy's
-    ``"edge"`` padding; also when the window lies wholly outside the slide)."""
-    H, W = shape
-    ys = np.clip(np.arange(y0, y0 + h), 0, H - 1)
-    xs = np.clip(np.arange(x0, x0 + w), 0, W - 1)
-    ya, yb, xa, xb = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
-    block = np.asarray(src[slice(ya, yb), slice(xa, xb)])
-    if (ya, yb, xa, xb) == (y0, y0 + h, x0, x0 + w):
-        return block
-    return block[(ys - ya)[:, None], (xs - xa)[None, :]]
 
 
 class TileStream(CropDataset):
@@ -214,9 +202,10 @@ class TileStream(CropDataset):
         he, ihc, shape = self._pair(int(self.code[pair]))
         y, x = int(self.y0[pair]) + y, int(self.x0[pair]) + x
         if side == "a":
-            return _read_edge(he, y, x, self.crop, self.crop, shape)
+            return read_padded(he, y, y + self.crop, x, x + self.crop, shape)
         sy, sx = self.shift[pair]
-        return _read_edge(ihc, y + int(sy), x + int(sx), self.crop, self.crop, shape)
+        y, x = y + int(sy), x + int(sx)
+        return read_padded(ihc, y, y + self.crop, x, x + self.crop, shape)
 
     def tile(self, pair: int) -> tuple[str, int, int]:
         """``(slide, y0, x0)`` of pair ``pair``."""

@@ -304,12 +304,12 @@ def _ihc_tile(ihc_src, r, shape: tuple[int, int]) -> np.ndarray:
     """The IHC tile paired with H&E tile ``r``: on the refined alignment when registration
     refined it (``registered``; moved by the rounded ``dy, dx``, edge pixels repeated outside
     the slide), else at the same coordinates."""
-    from daskpath.registration import _read_padded
+    from daskpath._halo import read_padded
 
     y0, x0, h, w = int(r.y0), int(r.x0), int(r.height), int(r.width)
     if bool(getattr(r, "registered", False)):
         y0, x0 = y0 + int(round(r.dy)), x0 + int(round(r.dx))
-    return _read_padded(ihc_src, y0, y0 + h, x0, x0 + w, shape)
+    return read_padded(ihc_src, y0, y0 + h, x0, x0 + w, shape)
 
 
 def _same_export(out: Path, table: pd.DataFrame, info: dict) -> bool:
