@@ -266,12 +266,15 @@ def read_padded(src: RegionReader, ya: int, yb: int, xa: int, xb: int,
     ``"edge"`` padding, also for a window wholly outside the slide): a window moved by a
     registration shift, read at any position."""
     h, w = shape
-    ys = np.clip(np.arange(ya, yb), 0, h - 1)
+    ca, cb, cxa, cxb = max(ya, 0), min(yb, h), max(xa, 0), min(xb, w)
+    if ca < cb and cxa < cxb:  # overlaps the slide: read the overlap, pad the rest
+        block = np.asarray(src[slice(ca, cb), slice(cxa, cxb)])
+        pad = [(ca - ya, yb - cb), (cxa - xa, xb - cxb)] + [(0, 0)] * (block.ndim - 2)
+        return np.pad(block, pad, mode="edge") if any(map(sum, pad)) else block
+    ys = np.clip(np.arange(ya, yb), 0, h - 1)  # wholly outside: the nearest edge pixels
     xs = np.clip(np.arange(xa, xb), 0, w - 1)
     ca, cb, cxa, cxb = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
     block = np.asarray(src[slice(ca, cb), slice(cxa, cxb)])
-    if (ca, cb, cxa, cxb) == (ya, yb, xa, xb):
-        return block
     return block[(ys - ca)[:, None], (xs - cxa)[None, :]]
 
 

@@ -48,21 +48,32 @@ __all__ = [
 REGISTRATION_COLUMNS = ("dy", "dx", "ssim_refined", "registered")
 
 
-def nuclear_density(rgb: np.ndarray) -> np.ndarray:
-    """Hematoxylin + DAB optical density (float32) of an RGB tile: nuclei in H&E and IHC alike."""
-    from daskpath.stain import HED, optical_density
+def nuclear_density(rgb: np.ndarray, downsample: int = 1) -> np.ndarray:
+    """Hematoxylin + DAB optical density (float32) of an RGB tile: nuclei in H&E and IHC alike.
 
-    od = optical_density(rgb)
+    ``downsample`` > 1 averages ``f x f`` pixels (OpenCV's area interpolation) before the
+    optical density: a quarter of the work at 2, still resolving nuclei.
+    """
+    from daskpath.similarity import _cv2
+    from daskpath.stain import HED
+
+    x = np.asarray(rgb).astype(np.float32)
+    f = max(1, int(downsample))
+    if f > 1:
+        h, w = x.shape[0] // f, x.shape[1] // f
+        x = x[: h * f, : w * f]
+        cv2 = _cv2()
+        if cv2 is not None:
+            x = cv2.resize(x, (w, h), interpolation=cv2.INTER_AREA)
+        else:  # pragma: no cover - opencv is a dependency
+            x = x.reshape(h, f, w, f, 3).mean(axis=(1, 3))
+    np.maximum(x, 1.0, out=x)
+    od = np.log10(x)
+    od -= np.float32(np.log10(255.0))  # -OD: log10(I / 255)
     m = HED.stain_from_rgb.astype(np.float32)
-    w = m[:, 0] + m[:, 2]  # one projection: H + DAB concentration
-    out = od @ w
+    out = od @ -(m[:, 0] + m[:, 2])  # one projection: H + DAB concentration
     np.maximum(out, 0, out=out)
     return out
-
-
-def _box2(x: np.ndarray) -> np.ndarray:
-    h, w = (x.shape[0] // 2) * 2, (x.shape[1] // 2) * 2
-    return x[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3), dtype=np.float32)
 
 
 def estimate_shift(he: np.ndarray, ihc: np.ndarray, *, downsample: int = 2,
@@ -73,8 +84,8 @@ def estimate_shift(he: np.ndarray, ihc: np.ndarray, *, downsample: int = 2,
     ----------
     he, ihc : ndarray, shape (h, w, 3), uint8
         The two tiles (same shape, same slide coordinates).
-    downsample : {1, 2}
-        Box downsample before the correlation (2: 4x less work, nuclei still resolved).
+    downsample : int
+        Area downsample before the correlation (2: 4x less work, nuclei still resolved).
     upsample : int
         Sub-pixel refinement factor of the correlation peak (on the downsampled grid).
 
@@ -87,10 +98,8 @@ def estimate_shift(he: np.ndarray, ihc: np.ndarray, *, downsample: int = 2,
 
     if he.shape != ihc.shape:
         raise ValueError(f"estimate_shift: tiles differ in shape: {he.shape} vs {ihc.shape}")
-    a, b = nuclear_density(he), nuclear_density(ihc)
-    f = 1
-    for _ in range(int(downsample).bit_length() - 1):
-        a, b, f = _box2(a), _box2(b), f * 2
+    f = max(1, int(downsample))
+    a, b = nuclear_density(he, f), nuclear_density(ihc, f)
     win = np.outer(np.hanning(a.shape[0]), np.hanning(a.shape[1])).astype(np.float32)
     a = (a - a.mean()) * win
     b = (b - b.mean()) * win
