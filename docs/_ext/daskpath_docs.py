@@ -53,6 +53,8 @@ DOCUMENTED_MODULES = [
     "daskpath.tissue",
     "daskpath.similarity",
     "daskpath.tiles",
+    "daskpath.registration",
+    "daskpath.qc",
     "daskpath.nuclei",
     "daskpath.stain",
     "daskpath.metrics",
@@ -61,6 +63,7 @@ DOCUMENTED_MODULES = [
     "daskpath.cluster",
     "daskpath.stages",
     "daskpath.synthetic",
+    "daskpath.fetch",
     "daskpath.errors",
 ]
 
