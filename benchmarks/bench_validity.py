@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25, help="translator steps per epoch")
     p.add_argument("--epochs", type=int, default=8, help="translator epochs (+ as many decaying)")
     p.add_argument("--crop", type=int, default=256, help="translator training crop (px)")
+    p.add_argument("--classifier-steps", type=int, default=300)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--quick", action="store_true", help="2048 px slides, 2 epochs (a smoke run)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "validity.json")
@@ -143,7 +144,7 @@ def main() -> None:
                 "train", "translator", str(out), "--mode", mode, "--from-run", str(run_train),
                 "--slides", str(cohort / "train.csv"), "--test-fraction", "0.15",
                 "--export-dir", str(W / "pairs"), "--force", *recipe, log=log)
-    for kind, extra in (("rf", []), ("classifier", ["--steps", "300"])):
+    for kind, extra in (("rf", []), ("classifier", ["--steps", str(a.classifier_steps)])):
         out = models / kind
         if not (out / "daskpath.json").exists():
             times[f"train {kind}"] = daskpath(
@@ -181,6 +182,7 @@ def main() -> None:
     result: dict = {"setup": {"pairs": N_PAIRS, "train_slides": list(train["slide"]),
                               "test_slides": list(test["slide"]), "size": a.size, "tile": a.tile,
                               "translator_steps": 2 * a.epochs * a.steps, "translator_crop": a.crop,
+                              "classifier_steps": a.classifier_steps,
                               "seed0": SEED0,
                               "realism": "realistic (defaults)"},
                     "with_registration": {}, "without_registration": {}, "ground_truth_methods": {},

@@ -28,7 +28,9 @@ to decode raises :class:`~daskpath.errors.SlideError` ("corrupt or truncated") a
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
+import glob
 import hashlib
 import logging
 import math
@@ -36,12 +38,14 @@ import os
 import re
 import shutil
 import struct
+import sys
 import threading
+import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -63,6 +67,7 @@ __all__ = [
     "open_pair",
     "read_manifest",
     "ingest",
+    "ingest_on_cluster",
     "slide_info",
     "TiffLevelReader",
     "ZarrLevelReader",
@@ -720,25 +725,280 @@ def _reusable_ingest(meta: _Meta, root: Path | None) -> Path | None:
     return None
 
 
-def _cached_ingest(meta: _Meta, cache_dir: PathLike | bool, chunk_size: int | None) -> Path:
-    root = _default_cache_dir() if cache_dir is True else Path(str(cache_dir)).expanduser()
-    found = _reusable_ingest(meta, root)
-    if found is not None:
-        return found
+def _cache_root(cache_dir: PathLike | bool) -> Path:
+    """The absolute cache folder (``True``: the default one)."""
+    if cache_dir is True:
+        return _default_cache_dir()
+    return Path(str(cache_dir)).expanduser().absolute()
+
+
+def _cache_target(meta: _Meta, root: Path, chunk_size: int | None) -> tuple[Path, int]:
+    """Where :func:`_cached_ingest` puts ``meta``'s file under ``root``, and the store chunk.
+
+    The name keys on path, size, mtime and store chunk, so every client and worker that sees
+    the same ``root`` agrees on it."""
     # Store chunks: 1024, or the requested dask chunk when smaller (rounded up to 16 px).
     store_chunk = DEFAULT_STORE_CHUNK if chunk_size is None else min(
         DEFAULT_STORE_CHUNK, _round_up(int(chunk_size), 16))
     key = hashlib.sha256(f"{meta.path}\0{meta.size}\0{meta.mtime_ns}\0{store_chunk}".encode())
     stem = _strip_suffixes(Path(meta.path).name)
-    dst = root / f"{stem}-{key.hexdigest()[:16]}.ome.zarr"
+    return root / f"{stem}-{key.hexdigest()[:16]}.ome.zarr", store_chunk
+
+
+def _existing_ingest(meta: _Meta, root: Path, chunk_size: int | None) -> Path | None:
+    """A usable ingest of ``meta``'s file: beside it, ``root/<stem>.ome.zarr`` or the keyed
+    cache entry, made from the same file (source identity); None when it must be ingested."""
+    found = _reusable_ingest(meta, root)
+    if found is not None:
+        return found
+    dst, _ = _cache_target(meta, root, chunk_size)
     if dst.exists() and _ingest_identity(dst) == _source_identity(meta.path):
         logger.info("slide %s: using ingest %s (same file)", Path(meta.path).name, dst)
         return dst
+    return None
+
+
+def _cached_ingest(meta: _Meta, cache_dir: PathLike | bool, chunk_size: int | None) -> Path:
+    root = _cache_root(cache_dir)
+    pending = _pending_ingest(meta, root, chunk_size)
+    if pending is not None:  # the run's pre-phase ingests this file on the cluster: wait for it
+        return pending
+    found = _existing_ingest(meta, root, chunk_size)
+    if found is not None:
+        return found
+    dst, store_chunk = _cache_target(meta, root, chunk_size)
     root.mkdir(parents=True, exist_ok=True)
     logger.info("ingesting flat raster %s into %s (once)", meta.path, dst)
     # an entry of the same key but another identity is an older ingest (no identity): replace
-    ingest(meta.path, dst, chunk_size=store_chunk, overwrite=dst.exists())
-    return dst
+    return ingest(meta.path, dst, chunk_size=store_chunk, overwrite=dst.exists())
+
+
+# --------------------------------------------------------------------------------------------
+# Ingest on the cluster: a run's pre-phase
+# --------------------------------------------------------------------------------------------
+
+#: Ingests a run has handed to the cluster, by ``(source path, cache root, store chunk)``; a
+#: slide thread that opens one of these files waits for its future instead of ingesting.
+_PENDING: dict[tuple[str, str, int], Future[Path]] = {}
+_PENDING_LOCK = threading.Lock()
+
+
+def _pending_ingest(meta: _Meta, root: Path, chunk_size: int | None) -> Path | None:
+    """Wait for the cluster ingest of ``meta``'s file, if one is pending; None if there is none.
+
+    Raises SlideError naming the file when that ingest failed."""
+    _, store_chunk = _cache_target(meta, root, chunk_size)
+    with _PENDING_LOCK:
+        fut = _PENDING.get((meta.path, str(root), store_chunk))
+    if fut is None:
+        return None
+    return fut.result()
+
+
+def _ingest_task(src: str, dst: str, chunk: int) -> dict[str, Any]:
+    """Ingest ``src`` into ``dst`` where this runs (a worker); what the pre-phase submits.
+
+    Reuses ``dst`` when another run made it from the same file meanwhile. Bad input (corrupt,
+    truncated, unsupported: SlideError) is returned as ``{"error": message}`` rather than
+    raised, so the cluster's retries are spent only on failures that may pass on a retry
+    (a lost worker, a full disk)."""
+    import socket
+    import time
+
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {"src": src, "dst": dst, "pid": os.getpid(),
+                            "host": socket.gethostname(), "reused": False}
+    d = Path(dst)
+    try:
+        if d.exists() and _ingest_identity(d) == _source_identity(src):
+            info["reused"] = True
+        else:
+            d.parent.mkdir(parents=True, exist_ok=True)
+            ingest(src, d, chunk_size=chunk, overwrite=d.exists())
+    except (SlideError, InvalidInputError) as exc:
+        info["error"] = str(exc)
+    info["seconds"] = time.perf_counter() - t0
+    return info
+
+
+class ClusterIngest:
+    """Ingest flat rasters on a Dask cluster, a bounded number at a time (see :func:`ingest_on_cluster`).
+
+    Use as a context manager around the slide threads: while open, :func:`open_slide` and
+    :func:`open_pair` (with the same ``cache_dir`` and ``chunk_size``) wait for the file's
+    ingest instead of ingesting it in the calling process. Closing cancels what is left.
+    """
+
+    def __init__(self, client: Any, jobs: list[tuple[tuple[str, str, int], str, str, int]],
+                 limit: int, retries: int) -> None:
+        self.client = client
+        self.jobs = jobs
+        self.limit = max(1, int(limit))
+        self.retries = int(retries)
+        self.results: dict[str, dict[str, Any]] = {}
+        self.futures: dict[tuple[str, str, int], Future[Path]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cluster_futs: list[Any] = []
+
+    @property
+    def keys(self) -> list[str]:
+        """Task keys of the submitted ingests, in manifest order."""
+        return [self._task_key(dst) for _, _, dst, _ in self.jobs]
+
+    @staticmethod
+    def _task_key(dst: str) -> str:
+        # one key per cache entry (the entry's name keys the file): prefix "ingest" on dashboards
+        return "ingest-" + Path(dst).name.removesuffix(".ome.zarr")
+
+    def __enter__(self) -> Self:
+        with _PENDING_LOCK:
+            for pkey, *_ in self.jobs:
+                fut: Future[Path] = Future()
+                fut.set_running_or_notify_cancel()
+                self.futures[pkey] = fut
+                _PENDING[pkey] = fut
+        if self.jobs:
+            self._thread = threading.Thread(target=self._feed, name="daskpath-ingest", daemon=True)
+            self._thread.start()
+        return self
+
+    def _settle(self, pkey: tuple[str, str, int], src: str, dst: str, outcome: Any) -> None:
+        fut = self.futures[pkey]
+        if fut.done():
+            return
+        if isinstance(outcome, BaseException):
+            text = _one_line(f"{type(outcome).__name__}: {outcome}")
+            fut.set_exception(SlideError(
+                f"ingest of {src} into {dst} failed on the cluster ({text}): check the file "
+                "and that every worker can write the cache folder (cache_dir) at this path"))
+        elif outcome.get("error"):
+            fut.set_exception(SlideError(outcome["error"]))
+        else:
+            self.results[src] = outcome
+            logger.info("ingested %s on %s (pid %s) in %.1f s%s", src, outcome.get("host"),
+                        outcome.get("pid"), outcome.get("seconds", 0.0),
+                        " (made meanwhile by another run)" if outcome.get("reused") else "")
+            fut.set_result(Path(dst))
+
+    def _feed(self) -> None:
+        from distributed import as_completed
+
+        todo = collections.deque(self.jobs)
+        running: dict[Any, tuple[tuple[str, str, int], str, str]] = {}
+        ac = as_completed()
+        try:
+            while (todo or running) and not self._stop.is_set():
+                while todo and len(running) < self.limit:
+                    pkey, src, dst, chunk = todo.popleft()
+                    try:
+                        cf = self.client.submit(_ingest_task, src, dst, chunk, pure=False,
+                                                key=self._task_key(dst), retries=self.retries)
+                    except Exception as exc:  # noqa: BLE001 - client closed: fail the file
+                        self._settle(pkey, src, dst, exc)
+                        continue
+                    running[cf] = (pkey, src, dst)
+                    self._cluster_futs.append(cf)
+                    ac.add(cf)
+                if not running:
+                    continue
+                for cf in ac:  # the next one to finish
+                    pkey, src, dst = running.pop(cf)
+                    try:
+                        outcome = cf.result()
+                    except BaseException as exc:  # noqa: BLE001 - reported to the slide
+                        outcome = exc
+                    self._settle(pkey, src, dst, outcome)
+                    cf.release()
+                    break
+        except BaseException as exc:  # noqa: BLE001 - never leave a slide thread waiting
+            for pkey, src, dst, _ in self.jobs:
+                self._settle(pkey, src, dst, exc)
+        finally:
+            for pkey, src, dst, _ in self.jobs:
+                self._settle(pkey, src, dst, SlideError("run stopped before this file was ingested"))
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop submitting, cancel ingests still running, release waiting slide threads."""
+        self._stop.set()
+        with _PENDING_LOCK:
+            for pkey, fut in self.futures.items():
+                if _PENDING.get(pkey) is fut:
+                    del _PENDING[pkey]
+        pending = [f for f in self._cluster_futs if not f.done()]
+        if pending:
+            try:
+                self.client.cancel(pending)
+            except Exception as e:  # noqa: BLE001 - client already closed
+                logger.debug("could not cancel %d ingest(s): %s", len(pending), e)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def ingest_on_cluster(client: Any, paths: Iterable[PathLike], cache_dir: PathLike | bool,
+                      chunk_size: int | None = None, *, limit: int | None = None,
+                      retries: int = 0) -> ClusterIngest:
+    """Plan the ingest of every flat raster among ``paths`` as tasks on ``client``'s cluster.
+
+    Files that are tiled, unreadable (they fail later, when their slide opens them) or already
+    ingested (an ingest beside them or in ``cache_dir`` made from the same file) are skipped;
+    duplicates are ingested once. Use the returned :class:`ClusterIngest` as a context manager:
+    on entering, the ingests are submitted in the order of ``paths``, at most ``limit`` (default:
+    the cluster's worker threads) at a time, each a task with key ``ingest-<stem>-<hash>``,
+    ``pure=False`` and ``retries``; :func:`open_pair` in any thread of this process waits for the
+    ingests of its own two files only.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    paths : iterable of path
+        Slide files, in the order their slides will run (manifest order).
+    cache_dir : path or True
+        Cache folder, as for :func:`open_slide`. Workers write there: on a multi-host cluster it
+        must be on a shared filesystem, at the same path on every host.
+    chunk_size : int, optional
+        The run's dask chunk size (decides the store chunk, as for :func:`open_slide`).
+    limit : int, optional
+        Ingests in flight at once. Each holds a few full-width bands of rows (about
+        ``3 * width * 1024`` bytes each; a 31938 px wide slide peaks near 0.6 GB).
+    retries : int, default 0
+        Retries of an ingest that failed for another reason than bad input.
+
+    Returns
+    -------
+    ClusterIngest
+        ``keys`` (task keys), ``results`` (per source after it finished: worker ``host``,
+        ``pid``, ``seconds``) and ``futures``.
+    """
+    root = _cache_root(cache_dir)
+    jobs: list[tuple[tuple[str, str, int], str, str, int]] = []
+    seen: set[tuple[str, str, int]] = set()
+    for p in paths:
+        try:
+            meta = _probe(p)
+        except Exception as e:  # noqa: BLE001 - the slide reports it when it opens the file
+            logger.debug("not ingesting %s ahead: %s", p, e)
+            continue
+        if meta.kind != "flat":
+            continue
+        dst, chunk = _cache_target(meta, root, chunk_size)
+        pkey = (meta.path, str(root), chunk)
+        if pkey in seen or _existing_ingest(meta, root, chunk_size) is not None:
+            continue
+        seen.add(pkey)
+        jobs.append((pkey, meta.path, str(dst), chunk))
+    if limit is None:
+        from daskpath.cluster import _workers
+
+        limit = sum(int(w.get("nthreads", 1)) for w in _workers(client).values()) or 1
+    if jobs:
+        root.mkdir(parents=True, exist_ok=True)
+        logger.info("ingesting %d flat raster(s) on the cluster into %s, %d at a time",
+                    len(jobs), root, limit)
+    return ClusterIngest(client, jobs, limit, retries)
 
 
 def _resolve(path: PathLike, cache_dir: PathLike | bool | None,
@@ -1232,8 +1492,12 @@ def ingest(src: PathLike, dst: PathLike | None = None, chunk_size: int = DEFAULT
     decoded pixels (14-36 s) on a machine shared with other jobs (load 8-10 on 2 cores);
     libvips decodes this PNG alone at ~110 MB/s, zarr's zstd write is the slower half.
 
-    The output is written to ``dst + ".partial"`` and renamed to ``dst`` only when every level
-    and the metadata are written, so an interrupted ingest leaves no complete-looking store.
+    The output is written to ``dst + ".partial-<pid>-<random>"`` (one per process) and renamed
+    to ``dst`` only when every level and the metadata are written, so an interrupted ingest
+    leaves no complete-looking store, and two processes ingesting the same file into the same
+    ``dst`` (two runs sharing a cache) never write into one store: the first rename wins, the
+    other keeps that store when it was made from the same source. Temp stores left by killed
+    ingests are removed after a day.
     Older ingests with axes ``(y, x, c)`` still open (read only).
     """
     from daskpath import ome
@@ -1252,9 +1516,10 @@ def ingest(src: PathLike, dst: PathLike | None = None, chunk_size: int = DEFAULT
     if dst_p.exists() and not overwrite:
         raise SlideError(f"ingest output {dst_p} already exists: pass overwrite=True "
                          "(--overwrite) or choose another destination")
-    tmp = dst_p.with_name(dst_p.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # a temp name of this process alone: two runs (or workers) ingesting the same file into one
+    # cache never write into each other's store; the first rename wins (see below)
+    tmp = dst_p.with_name(f"{dst_p.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    _remove_stale_partials(dst_p)
     nworkers = max(1, workers or min(4, os.cpu_count() or 1))
     h, w = meta.level_shapes[0]
     mpp_out = _sane_mpp(mpp, src_p) if mpp else meta.mpp
@@ -1268,20 +1533,111 @@ def ingest(src: PathLike, dst: PathLike | None = None, chunk_size: int = DEFAULT
                          levels=len(shapes), fill_value=0, name=_strip_suffixes(src_p.name),
                          attrs=_ingest_attrs(src_p, meta, mpp_out, chunk))
         arrays = [ome.open_level(tmp, k, mode="r+") for k in range(len(shapes))]
-        _write_pyramid(_level0_bands(src_p, meta, chunk, nworkers), arrays, chunk)
+        with _heap_for_bands():
+            _write_pyramid(_level0_bands(src_p, meta, chunk, nworkers), arrays, chunk)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if dst_p.exists():
-        old = dst_p.with_name(dst_p.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst_p, old)
-        os.replace(tmp, dst_p)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst_p)
+    _publish_store(tmp, dst_p, overwrite, src_p)
     logger.info("ingested %s -> %s (%dx%d px, %d levels)", src_p, dst_p, h, w, len(shapes))
     return dst_p
+
+
+_HEAP_LOCK = threading.Lock()
+_HEAP_USERS = 0
+#: glibc ``mallopt`` parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@contextlib.contextmanager
+def _heap_for_bands() -> Iterator[None]:
+    """Let glibc keep freed band-sized buffers on the heap while an ingest runs.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's
+    mmap threshold at 128 KiB: every zarr chunk buffer and band temporary is then a fresh
+    ``mmap`` whose pages fault in again. Measured on an 8192^2 PNG ingest: 750k page faults and
+    ~2 s of system time, against ~10-50k and 0.1-0.3 s with glibc's usual limits (32 MiB mmap,
+    64 MiB trim; peak RSS +~150 MiB). Only when that variable is set (a worker), process-wide
+    for the ingests in flight; restored, and the heap trimmed, when the last one ends.
+    """
+    global _HEAP_USERS
+    libc = None
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc
+            libc = None
+    if libc is None:
+        yield
+        return
+    with _HEAP_LOCK:
+        _HEAP_USERS += 1
+        if _HEAP_USERS == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    try:
+        yield
+    finally:
+        with _HEAP_LOCK:
+            _HEAP_USERS -= 1
+            if _HEAP_USERS == 0:
+                try:
+                    trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", "65536"))
+                    mmap = int(os.environ.get("MALLOC_MMAP_THRESHOLD_", str(128 << 10)))
+                except ValueError:
+                    trim, mmap = 65536, 128 << 10
+                libc.mallopt(_M_TRIM_THRESHOLD, trim)
+                libc.mallopt(_M_MMAP_THRESHOLD, mmap)
+                libc.malloc_trim(0)
+
+
+#: A ``<dst>.partial-*`` folder untouched this long is left over from a killed ingest.
+_STALE_PARTIAL_S = 24 * 3600.0
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    """Delete temp stores of ``dst`` that ingests killed long ago left behind (a live ingest,
+    maybe another run's on another host, writes into its own one and keeps it fresh)."""
+    import time
+
+    now = time.time()
+    for old in dst.parent.glob(glob.escape(dst.name) + ".partial*"):
+        try:
+            if now - old.stat().st_mtime > _STALE_PARTIAL_S or old.name == dst.name + ".partial":
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _publish_store(tmp: Path, dst: Path, overwrite: bool, src: Path) -> None:
+    """Rename the finished ``tmp`` store to ``dst`` atomically.
+
+    If ``dst`` exists it is replaced when ``overwrite`` (moved aside to a unique name, then
+    deleted). A ``dst`` that appeared meanwhile (another process ingested the same file into
+    the same cache and renamed first) is kept when made from the same source, and ours dropped.
+    """
+    if dst.exists() and overwrite:
+        aside = dst.with_name(f"{dst.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(dst, aside)
+        except FileNotFoundError:  # another process moved it aside first
+            pass
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(tmp, dst)  # renaming a folder onto a non-empty one fails: never a mix
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR) and not dst.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    if _ingest_identity(dst) != _source_identity(src):
+        raise SlideError(f"ingest output {dst} appeared while ingesting {src} and was made from "
+                         "another file: remove it and run again")
+    logger.info("ingest of %s: %s was written meanwhile by another process; using it", src, dst)
 
 
 def _level0_bands(src: Path, meta: _Meta, chunk: int, workers: int

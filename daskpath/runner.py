@@ -126,75 +126,199 @@ def _interactive() -> bool:
     return "ipykernel" in sys.modules and "IPython" in sys.modules
 
 
-class _Progress:
-    """Slides and chunks progress.
+#: Chunks of a stage that must have been computed in this run before an ETA is shown.
+ETA_MIN_CHUNKS = 3
 
-    ``progress=True``: tqdm bars on a terminal (or in a notebook); otherwise (a log file, a pipe,
-    a SLURM job's output) no control characters, and a log line at most every
-    :data:`PROGRESS_LOG_INTERVAL` seconds (``DASKPATH_PROGRESS_INTERVAL``): ``progress: 3 of 10
-    slide(s) done; 120 of the 480 chunk task(s) submitted so far finished``. A callable gets
-    ``(slide, done, total)`` as each slide finishes.
+
+def _eta_text(seconds: float | None) -> str:
+    """``ETA ?`` (no estimate yet), ``ETA 40 s``, ``ETA 12 min``, ``ETA 2 h 05 min``."""
+    if seconds is None or not np.isfinite(seconds):
+        return "ETA ?"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"ETA {s} s"
+    m = -(-s // 60)  # whole minutes, rounded up
+    if m < 60:
+        return f"ETA {m} min"
+    return f"ETA {m // 60} h {m % 60:02d} min"
+
+
+@dataclass
+class _StageProgress:
+    """Chunk tasks of one stage over all slides that reached it so far in this run.
+
+    ``total`` chunks are known, ``resumed`` of them were done by an earlier run (loaded, not
+    computed) and ``done`` were computed in this run. The rate behind the ETA is ``done`` over
+    the time this stage had chunks outstanding (``busy``), so resumed chunks, and the time a
+    stage waits for its upstream stage, do not inflate it.
+    """
+
+    total: int = 0
+    resumed: int = 0
+    done: int = 0
+    slides: set[str] = field(default_factory=set)
+    busy: float = 0.0
+    since: float | None = None  # start of the current stretch with chunks outstanding
+
+    @property
+    def finished(self) -> int:
+        return self.resumed + self.done
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.finished)
+
+    def add(self, now: float, total: int, resumed: int, done: int, slide: str) -> None:
+        if self.since is not None:
+            self.busy += now - self.since
+        self.total += total
+        self.resumed += resumed
+        self.done += done
+        self.slides.add(slide)
+        self.since = now if self.remaining else None
+
+    def eta(self, now: float) -> float | None:
+        """Seconds until the known chunks are done; None until :data:`ETA_MIN_CHUNKS` were
+        computed in this run."""
+        elapsed = self.busy + (now - self.since if self.since is not None else 0.0)
+        if self.done < ETA_MIN_CHUNKS or elapsed <= 0:
+            return None
+        return self.remaining / (self.done / elapsed)
+
+    def text(self, now: float) -> str:
+        """``nuclei: 37/352 chunks (3 slides) ETA 12 min`` (no ETA once all are done)."""
+        n = len(self.slides)
+        extra = f", {self.resumed} resumed" if self.resumed else ""
+        line = f"{self.finished}/{self.total} chunks ({n} slide{'s' if n != 1 else ''}{extra})"
+        return line + (f" {_eta_text(self.eta(now))}" if self.remaining else "")
+
+
+class _Progress:
+    """Slides and, per stage, chunk progress with an ETA.
+
+    Stages report through :meth:`chunks` (``SlideContext.on_chunks``): the chunk tasks a slide's
+    stage submits (``submitted``, of which ``resumed`` were done by an earlier run) and, as
+    they finish, ``finished``. Per stage this gives ``nuclei: 37/352 chunks (3 slides) ETA 12
+    min``: chunks finished / known (the slides that reached the stage so far), the ETA from this
+    run's rate of the stage's computed chunks (``ETA ?`` until :data:`ETA_MIN_CHUNKS` finished).
+
+    ``progress=True``: on a terminal (or in a notebook) a tqdm bar for the slides and one per
+    stage that submitted chunks; otherwise (a log file, a pipe, a SLURM job's output) no control
+    characters, and a line every :data:`PROGRESS_LOG_INTERVAL` seconds
+    (``DASKPATH_PROGRESS_INTERVAL``) and one at the end: ``progress: 3 of 10 slide(s) done;
+    preprocess: 480/480 chunks (10 slides); nuclei: 37/352 chunks (3 slides) ETA 12 min``.
+    A callable gets ``(slide, done, total)`` as each slide finishes.
     """
 
     def __init__(self, progress: bool | Callable[[str, int, int], None], total: int,
-                 interactive: bool | None = None):
+                 interactive: bool | None = None, clock: Callable[[], float] = time.monotonic):
         self.cb = progress if callable(progress) else None
         self.total = total
         self.done = 0
-        self.chunks_total = 0
+        self.chunks_total = 0  # chunk tasks reported without a stage (their own line part)
         self.chunks_done = 0
+        self.stages: dict[str, _StageProgress] = {}
         self.lock = threading.Lock()
-        self.bars = None
+        self.clock = clock
+        self.bars: dict[str, Any] | None = None
         self.lines = False
-        self._last = time.monotonic()
+        self._last = clock()
+        self._logged = ""  # the last line logged
+        self._stop = threading.Event()
         self.interval = _progress_interval()
         if progress is True:
             if _interactive() if interactive is None else interactive:
                 from tqdm.auto import tqdm
 
-                self.bars = (
-                    tqdm(total=total, unit="slide", desc="slides", position=0),
-                    tqdm(total=0, unit="chunk", desc="chunks", position=1, leave=False),
-                )
+                self._tqdm = tqdm
+                self.bars = {"slides": tqdm(total=total, unit="slide", desc="slides", position=0)}
             else:
                 self.lines = True
+            # a line per interval (or fresh ETAs on the bars) even while no chunk finishes
+            tick = 1.0 if self.interval <= 0 else min(max(self.interval, 0.1), 1.0)
+            threading.Thread(target=self._ticker, args=(tick,), daemon=True,
+                             name="daskpath-progress").start()
 
-    def chunks(self, submitted: int, finished: int) -> None:
+    def chunks(self, submitted: int, finished: int, *, slide: str | None = None,
+               stage: str | None = None, resumed: int = 0) -> None:
+        """``submitted`` chunk tasks more (``resumed`` of them done by an earlier run),
+        ``finished`` more computed; per ``stage`` when given."""
         with self.lock:
-            self.chunks_total += submitted
-            self.chunks_done += finished
-            if self.bars is not None:
-                if submitted:
-                    self.bars[1].total += submitted
-                    self.bars[1].refresh()
-                if finished:
-                    self.bars[1].update(finished)
+            if stage is None:
+                self.chunks_total += submitted
+                self.chunks_done += finished
+            else:
+                st = self.stages.get(stage)
+                if st is None:
+                    st = self.stages[stage] = _StageProgress()
+                st.add(self.clock(), submitted, resumed, finished, slide or "")
+                self._bar(stage, st)
             self._maybe_log()
+
+    def _bar(self, stage: str, st: _StageProgress) -> None:
+        """Draw ``stage``'s bar (lock held)."""
+        if self.bars is None:
+            return
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = self._tqdm(
+                total=0, unit="chunk", desc=stage, position=len(self.bars), leave=False,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} chunks{postfix}")
+        bar.total = st.total
+        bar.n = st.finished
+        n = len(st.slides)
+        eta = f", {_eta_text(st.eta(self.clock()))}" if st.remaining else ""
+        bar.set_postfix_str(f"{n} slide{'s' if n != 1 else ''}{eta}", refresh=False)
+        bar.refresh()
 
     def slide(self, slide: str) -> None:
         with self.lock:
             self.done += 1
             if self.bars is not None:
-                self.bars[0].update(1)
-                self.bars[0].set_postfix_str(slide)
+                self.bars["slides"].update(1)
+                self.bars["slides"].set_postfix_str(slide)
             elif self.cb is not None:
                 self.cb(slide, self.done, self.total)
             self._maybe_log()
 
-    def _maybe_log(self) -> None:
+    def line(self) -> str:
+        """The progress line (no control characters)."""
+        now = self.clock()
+        parts = [f"progress: {self.done} of {self.total} slide(s) done"]
+        parts += [f"{name}: {st.text(now)}" for name, st in self.stages.items()]
+        if self.chunks_total:
+            parts.append(f"{self.chunks_done} of the {self.chunks_total} chunk task(s) submitted "
+                         "so far finished")
+        return "; ".join(parts)
+
+    def _maybe_log(self, force: bool = False) -> None:
         """A progress line, if lines are wanted and the interval has passed (lock held)."""
         if not self.lines:
             return
-        now = time.monotonic()
-        if now - self._last < self.interval:
+        now = self.clock()
+        if not force and now - self._last < self.interval:
             return
         self._last = now
-        log.info("progress: %d of %d slide(s) done; %d of the %d chunk task(s) submitted so far "
-                 "finished", self.done, self.total, self.chunks_done, self.chunks_total)
+        self._logged = self.line()
+        log.info("%s", self._logged)
+
+    def _ticker(self, tick: float) -> None:
+        while not self._stop.wait(tick):
+            with self.lock:
+                if self.bars is not None:
+                    for name, st in self.stages.items():
+                        if st.remaining:
+                            self._bar(name, st)
+                else:
+                    self._maybe_log()
 
     def close(self) -> None:
+        self._stop.set()
+        with self.lock:
+            if self.lines and self.stages and self.line() != self._logged:
+                self._maybe_log(force=True)  # the final counts
         if self.bars is not None:
-            for b in self.bars:
+            for b in self.bars.values():
                 b.close()
 
 
@@ -467,6 +591,15 @@ def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress,
     stop = threading.Event()
     prog = _Progress(progress, len(manifest))
     outcomes: dict[str, SlideOutcome] = {}
+    # pre-phase: flat rasters (PNG, stripped TIFF) not yet ingested are ingested on the workers,
+    # in manifest order, one per worker thread at a time; a slide thread opening its pair waits
+    # only for its own two files (io.open_pair), so the first slide starts once they are done
+    from daskpath.io import ingest_on_cluster
+
+    ingests = ingest_on_cluster(
+        client, [p for r in manifest.itertuples(index=False) for p in (r.he, r.ihc)],
+        Path(cfg.cache_dir) if cfg.cache_dir else out / "cache", cfg.chunk_size,
+        limit=max(1, threads), retries=cfg.retries).__enter__()
     pool = cf.ThreadPoolExecutor(max_workers=window, thread_name_prefix="daskpath-slide")
     futs = {pool.submit(_run_slide, row, stages, models, cfg, out, client, stop, prog, lock,
                         previous, run_id): row.slide
@@ -480,10 +613,12 @@ def run_slides(cfg: Config, manifest: pd.DataFrame, out: Path, client, progress,
                 outcomes[o.slide] = o
     except BaseException:
         stop.set()
+        ingests.close()
         pool.shutdown(wait=False, cancel_futures=True)
         prog.close()
         raise
     pool.shutdown(wait=True)
+    ingests.close()
     prog.close()
     return _assemble(cfg, manifest, out, stages, outcomes, t0, runset, started,
                      warnings=[warning] if warning else [], real_slides=real)
@@ -504,7 +639,7 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage
         for st in o.state.values():
             for name, item in st["artefacts"].items():
                 runset.add_artefact(name, internal_dir(out) / st["work"] / item)
-    from daskpath.stages.preprocess import TILE_COLUMNS, keep_mask
+    from daskpath.stages.preprocess import TILE_COLUMNS, tile_keep
 
     parts, rows, failures = [], [], []
     for slide in manifest["slide"]:
@@ -515,7 +650,7 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage
             failures.append(o.failure)
             continue
         pre = o.parts["preprocess"]
-        keep = keep_mask(pre["tissue_fraction"], pre["ssim"], cfg).to_numpy()
+        keep = tile_keep(pre, cfg)
         cols: dict[str, Any] = {}
         row: dict[str, Any] = {}
         for st in stages:

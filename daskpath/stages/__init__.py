@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,149 @@ class StageCounts:
         return self.total - self.done
 
 
+#: Seconds between two looks at the scheduler for finished chunk tasks while a stage computes.
+PROGRESS_POLL = 1.0
+
+
+@dataclass
+class _Shown:
+    """A stage's chunk counts as reported (progress, Prometheus): known, resumed, computed."""
+
+    total: int = 0
+    resumed: int = 0
+    finished: int = 0  # computed in this run and finished
+    pushed: int = 0  # ``finished`` as last sent to the scheduler's metrics
+
+
+def _chunk_keys(tasks: Sequence[Any]) -> list[Any]:
+    """Keys of the chunk tasks :func:`daskpath.resume.recorded` made (computing, not loading a
+    record) in the graphs of ``tasks``; each graph layer is looked at once, and only layers
+    that are plain dicts (what ``dask.delayed`` makes) are read key by key."""
+    from dask.base import is_dask_collection
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    from daskpath.resume import RECORD_PREFIX
+
+    def chunk(k: Any) -> bool:
+        name = k[0] if isinstance(k, tuple) and k else k
+        return isinstance(name, str) and name.startswith(RECORD_PREFIX)
+
+    keys: set[Any] = set()
+    seen: set[str] = set()
+    for t in tasks:
+        if chunk(getattr(t, "key", None)):
+            keys.add(t.key)
+        if not is_dask_collection(t):
+            continue
+        g = t.__dask_graph__()
+        layers = g.layers.items() if isinstance(g, HighLevelGraph) else [("", g)]
+        for name, layer in layers:
+            if name and name in seen:
+                continue
+            seen.add(name)
+            if isinstance(layer, (dict, MaterializedLayer)) or chunk(name):
+                keys.update(k for k in layer if chunk(k))
+    return sorted(keys, key=str)
+
+
+class _ChunkProgress:
+    """The chunk tasks of one :meth:`SlideContext.compute`: announced, then followed on the
+    scheduler until they finish (a failed look-up stops the following; the counts are then
+    completed when the computation is)."""
+
+    def __init__(self, ctx: SlideContext, tasks: Sequence[Any], label: str):
+        self.ctx = ctx
+        self.label = label
+        self.pending = set(_chunk_keys(tasks))
+        self.last = 0.0
+        shown = ctx._shown.setdefault(label, _Shown())
+        # the chunks counted (recorded, note_chunks) since the stage's last computation
+        c = ctx.counts.get(ctx.stage) or StageCounts()
+        noted = ctx._noted.setdefault(ctx.stage, StageCounts())
+        total, resumed = c.total - noted.total, c.done - noted.done
+        noted.total, noted.done = c.total, c.done
+        # recorded chunk tasks nobody counted (a library function without note_chunks)
+        total += max(0, len(self.pending) - (total - resumed))
+        self.computed = total - resumed  # what this call reports as finished when it succeeds
+        self.finished = 0
+        shown.total += total
+        shown.resumed += resumed
+        if total:
+            self._report(total, 0, resumed)
+            self.push([], None)
+
+    def _report(self, submitted: int, finished: int, resumed: int = 0) -> None:
+        if self.ctx.on_chunks is not None:
+            self.ctx.on_chunks(submitted, finished, slide=self.ctx.slide, stage=self.label,
+                               resumed=resumed)
+
+    def _finish(self, n: int) -> None:
+        n = min(n, self.computed - self.finished)
+        if n <= 0:
+            return
+        self.finished += n
+        self.ctx._shown[self.label].finished += n
+        self._report(0, n)
+
+    def poll(self, anchor: Any) -> None:
+        """Count the chunk tasks finished since the last look (at most every PROGRESS_POLL s)."""
+        now = time.monotonic()
+        if not self.pending or self.ctx._no_probe or now - self.last < PROGRESS_POLL:
+            return
+        self.last = now
+        done = self.push(list(self.pending), anchor)
+        if done is None:
+            return
+        self.pending.difference_update(done)
+        self._finish(len(done))
+
+    def push(self, keys: list[Any], anchor: Any) -> list[Any] | None:
+        """One look at the scheduler (Scheduler.get_task_status): which of ``keys`` finished
+        (None: the graph holding ``anchor`` is not there yet, or the look failed); and the
+        counts to the scheduler's Prometheus gauges."""
+        from daskpath.monitor import push_stage_chunks
+
+        ctx = self.ctx
+        done = None
+        if keys and not ctx._no_probe:
+            try:
+                states = ctx.client.sync(ctx.client.scheduler.get_task_status,
+                                         keys=[anchor, *keys])
+            except Exception as e:  # noqa: BLE001 - progress must never fail a stage
+                log.debug("chunk progress of %s/%s not followed on the scheduler: %s",
+                          self.label, ctx.slide, e)
+                ctx._no_probe = True  # counted as computations finish from now on
+            else:
+                if states.get(anchor) is not None:  # the graph has reached the scheduler
+                    finished = (None, "memory", "released", "forgotten")
+                    done = [k for k in keys if states.get(k, "waiting") in finished]
+        if not ctx._no_metrics:
+            shown = ctx._shown[self.label]
+            metrics = {"stage": self.label, "slide": ctx.slide, "total": shown.total,
+                       "resumed": shown.resumed, "done": shown.resumed + shown.finished,
+                       "computed": shown.finished - shown.pushed}
+            try:
+                push_stage_chunks(ctx.client, **metrics)
+            except Exception as e:  # noqa: BLE001 - e.g. no daskpath on the scheduler
+                log.debug("no chunk metrics on the scheduler: %s", e)
+                ctx._no_metrics = True
+            else:
+                shown.pushed += metrics["computed"]
+        return done
+
+    def close(self, ok: bool) -> None:
+        """After the computation: on success every chunk task of it is finished; on failure
+        (or a stop) the unfinished ones leave the totals (the slide's failure is reported)."""
+        left = self.computed - self.finished
+        if ok:
+            self._finish(left)
+        elif left > 0:
+            self.ctx._shown[self.label].total -= left
+            self._report(-left, 0)
+        if ok and self.computed:  # (after a failure or a stop the cluster may be going away)
+            self.push([], None)
+
+
 @dataclass
 class SlideContext:
     """What a stage's :meth:`Stage.run` gets for one slide.
@@ -149,8 +293,16 @@ class SlideContext:
     fps: dict[str, str] = field(default_factory=dict)
     parts: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, StageCounts] = field(default_factory=dict)
-    on_chunks: Callable[[int, int], None] | None = None  # (submitted, finished) increments
+    #: progress: ``on_chunks(submitted, finished, slide=, stage=, resumed=)``, increments of the
+    #: stage's chunk tasks (see :meth:`compute`)
+    on_chunks: Callable[..., None] | None = None
     _pair: Any = None
+    #: per progress label (a stage, or a part of one): the chunk counts reported so far
+    _shown: dict[str, _Shown] = field(default_factory=dict, repr=False)
+    #: per stage: ``counts`` as of the stage's last computation
+    _noted: dict[str, StageCounts] = field(default_factory=dict, repr=False)
+    _no_probe: bool = field(default=False, repr=False)  # the scheduler look-up failed once
+    _no_metrics: bool = field(default=False, repr=False)  # the scheduler's metrics too
 
     # ---- inputs ----------------------------------------------------------------------------
     def pair(self):
@@ -164,10 +316,10 @@ class SlideContext:
 
     def tiles(self) -> tuple[pd.DataFrame, np.ndarray]:
         """The slide's tile table (preprocess part) and its keep mask under the current thresholds."""
-        from daskpath.pipeline import keep_mask
+        from daskpath.stages.preprocess import tile_keep
 
         tiles = self.parts["preprocess"]
-        return tiles, keep_mask(tiles["tissue_fraction"], tiles["ssim"], self.cfg).to_numpy()
+        return tiles, tile_keep(tiles, self.cfg)
 
     def kept_digest(self) -> dict[str, Any]:
         """Digest of the tile grid and the kept tiles (what model stages read from preprocess)."""
@@ -201,21 +353,32 @@ class SlideContext:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def compute(self, tasks: Sequence[Any], *, resources: dict | None = None) -> list[Any]:
+    def compute(self, tasks: Sequence[Any], *, resources: dict | None = None,
+                label: str | None = None) -> list[Any]:
         """Submit ``tasks`` (Delayed / collections) to the cluster and wait for all of them.
 
-        Retries ``cfg.retries`` times; the stop event (a signal) cancels them.
+        Retries ``cfg.retries`` times; the stop event (a signal) cancels them. The submission
+        is the span ``<label>/<slide>`` of the Dask dashboard. Chunk progress: the chunk tasks
+        counted since the stage's last call (:meth:`recorded`, :meth:`note_chunks`) are
+        reported to ``on_chunks`` as submitted, and the recorded chunk tasks of this graph,
+        looked up on the scheduler every :data:`PROGRESS_POLL` seconds, as finished; the
+        scheduler's Prometheus gauges follow (:func:`daskpath.monitor.stage_chunks`).
+
+        ``label`` (default: the stage's name) names a part of a stage that progress shows on
+        its own line, e.g. ``translate.nuclei`` (the nuclei on the virtual IHC).
         """
-        from distributed import wait
+        from distributed import span, wait
 
         tasks = list(tasks)
         if not tasks:
             return []
         self._check_stop()
-        futs = self.client.compute(tasks, retries=self.cfg.retries)
-        if self.on_chunks is not None:
-            self.on_chunks(len(futs), 0)
+        label = label or self.stage or "compute"
+        chunks = _ChunkProgress(self, tasks, label)
+        with span(f"{label}/{self.slide}"):
+            futs = self.client.compute(tasks, retries=self.cfg.retries)
         pending = set(futs)
+        ok = False
         try:
             while pending:
                 try:
@@ -223,17 +386,20 @@ class SlideContext:
                 except TimeoutError:
                     pass
                 done = {f for f in pending if f.done()}
-                if self.on_chunks is not None and done:
-                    self.on_chunks(0, len(done))
                 for f in done:
                     if f.status == "error":
                         f.result()  # raises the task's exception
                 pending -= done
+                if pending:
+                    chunks.poll(futs[0].key)
                 self._check_stop()
-            return self.client.gather(futs)
+            result = self.client.gather(futs)
+            ok = True
+            return result
         finally:
             if pending:
                 self.client.cancel(list(pending))
+            chunks.close(ok)
 
     def _check_stop(self) -> None:
         if self.stop.is_set():

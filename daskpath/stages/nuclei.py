@@ -135,7 +135,8 @@ def measure_on(ctx: SlideContext, image, suffix: str, source: str) -> pd.DataFra
         compute=False,
     )
     ctx.note_chunks(*count_records(table))
-    (df,) = ctx.compute([table])
+    # progress: the nuclei on a virtual IHC on their own line (translate.nuclei)
+    (df,) = ctx.compute([table], label=None if suffix == "ihc" else f"{ctx.stage}.nuclei")
     if labels is not None:  # OME-NGFF: pixel size, Ki67 classes, pyramids
         finish_labels(ctx, labels, df, suffix)
     df = df.copy()

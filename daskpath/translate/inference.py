@@ -79,7 +79,6 @@ from daskpath.translate.checkpoints import GeneratorSpec, load_generator, read_s
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da
-    import torch
     from torch import nn
 
 __all__ = [
