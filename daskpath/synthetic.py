@@ -439,8 +439,9 @@ class _Nuclei:
     coarse: np.ndarray | None = None  # realistic: chromatin coarseness (the cue)
 
 
-def _cells(g: _Geometry, fields: _Fields, fy0, fy1, fx0, fx1, stain: Stain) -> _Nuclei:
-    """Nuclei whose pixels may fall in the frame region ``[fy0, fy1) x [fx0, fx1)``."""
+def _cell_grid(g: _Geometry, fy0, fy1, fx0, fx1):
+    """The cells whose nuclei may reach ``[fy0, fy1) x [fx0, fx1)``: their lattice indices, the
+    per-cell variate ``u(k)`` and the jittered H&E-frame centres."""
     c = g.cell
     reach = g.rmax + g.jitter + 2.0
     cy = np.arange(int(math.floor((fy0 - reach - c) / c)), int(math.floor((fy1 + reach) / c)) + 1)
@@ -450,9 +451,15 @@ def _cells(g: _Geometry, fields: _Fields, fy0, fy1, fx0, fx1, stain: Stain) -> _
     def u(k: int) -> np.ndarray:
         return _hash01(_key(g.seed, _S_CELL + k), cyy, cxx)
 
-    # H&E frame geometry (shared by both stains)
     ycen = (cyy + 0.5) * c + (u(0) * 2 - 1) * g.jitter
     xcen = (cxx + 0.5) * c + (u(1) * 2 - 1) * g.jitter
+    return cyy, cxx, u, ycen, xcen
+
+
+def _cells(g: _Geometry, fields: _Fields, fy0, fy1, fx0, fx1, stain: Stain) -> _Nuclei:
+    """Nuclei whose pixels may fall in the frame region ``[fy0, fy1) x [fx0, fx1)``."""
+    c = g.cell
+    cyy, cxx, u, ycen, xcen = _cell_grid(g, fy0, fy1, fx0, fx1)  # H&E frame, both stains
     tissue = fields.points("tissue", ycen, xcen)
     lumen = fields.points("lumen", ycen, xcen)
     dens = fields.points("dens", ycen, xcen)
@@ -1071,16 +1078,7 @@ def _cells_real(g: _Geometry, rp: _Real, fields: _Fields, fy0, fy1, fx0, fx1, st
     """Realistic nuclei (H&E-frame centres) that may touch ``[fy0, fy1) x [fx0, fx1)``."""
     p = rp.p
     c = g.cell
-    reach = g.rmax + g.jitter + 2.0
-    cy = np.arange(int(math.floor((fy0 - reach - c) / c)), int(math.floor((fy1 + reach) / c)) + 1)
-    cx = np.arange(int(math.floor((fx0 - reach - c) / c)), int(math.floor((fx1 + reach) / c)) + 1)
-    cyy, cxx = (a.ravel() for a in np.meshgrid(cy, cx, indexing="ij"))
-
-    def u(k: int) -> np.ndarray:
-        return _hash01(_key(g.seed, _S_CELL + k), cyy, cxx)
-
-    ycen = (cyy + 0.5) * c + (u(0) * 2 - 1) * g.jitter
-    xcen = (cxx + 0.5) * c + (u(1) * 2 - 1) * g.jitter
+    cyy, cxx, u, ycen, xcen = _cell_grid(g, fy0, fy1, fx0, fx1)
     tissue = fields.points("tissue", ycen, xcen)
     lumen = fields.points("lumen", ycen, xcen)
     dens = fields.points("dens", ycen, xcen)
