@@ -363,8 +363,11 @@ def test_report_figure_has_legend_and_integer_tile_ticks(small_run, monkeypatch)
     tiles = pd.read_parquet(out / "tiles.parquet")
     figs = []
     monkeypatch.setattr(report, "_png", lambda fig: figs.append(fig) or "png")
+    monkeypatch.setattr(report, "_fig_jpeg", lambda fig: figs.append(fig) or "jpeg")
     slide = tiles["slide"].iloc[0]
-    assert report._slide_figure(slide, tiles, out / "layers" / f"{slide_key(slide)}.zarr", cfg)
+    chosen = tiles.iloc[:0]  # no gallery tiles to number
+    assert report._slide_figure(slide, tiles, out / "layers" / f"{slide_key(slide)}.zarr", cfg,
+                                chosen)
     tiles = tiles.assign(ratio_ihc=np.linspace(0, 1, len(tiles)))
     assert report._ratio_maps(slide, tiles, cfg)
     thumbs, ratios = figs
@@ -403,7 +406,7 @@ def test_run_stderr_in_a_log_file_is_clean(tmp_path):
                               env=env, timeout=600, check=False)
     err = (tmp_path / "stderr.log").read_text()
     assert proc.returncode == 0, err[-3000:]
-    assert "ingesting flat raster" in err  # libvips ran
+    assert "flat raster(s) on the cluster" in err  # libvips ran, on the workers
     assert "nuclei" in err and "progress: " in err
     assert not CONTROL.search(err), repr(err[-2000:])
     assert not CHATTER.search(err), err
