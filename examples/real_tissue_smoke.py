@@ -139,14 +139,18 @@ def tiles_summary(rgb: np.ndarray, chunks: tuple[int, int] | None = None,
     of ``rgb`` paired with its shifted and its rotated copy, as if they were an H&E / IHC pair."""
     import daskpath
 
+    # artefact QC flags these real fields as folds (and the IHC's dark DAB as bubbles / pen):
+    # the detectors are phantom-tuned, so here they flag without excluding (qc.exclude false)
+    cfg = daskpath.load_config(None, ["qc.exclude=false"])
     out: dict[str, Any] = {"size": size}
     for key, other in ((f"shift_{SHIFT_PX}px", shifted(rgb)),
                        (f"rotate_{ROTATE_DEG:g}deg", rotated(rgb))):
         t = daskpath.tile_table((as_dask(rgb, chunks), as_dask(other, chunks)), size=size,
-                                slide="real")
+                                slide="real", config=cfg)
         out[key] = {
             "tiles": len(t),
             "kept": int(t["keep"].sum()),
+            "artefact": list(t["artefact"]),
             "registered": int(t["registered"].sum()),
             "ssim_rigid": [round(float(v), 4) for v in t["ssim_rigid"]],
             "ssim": [round(float(v), 4) for v in t["ssim"]],
