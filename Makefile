@@ -30,7 +30,7 @@ chromium:
 	  echo "note: no chromium and not root with apt-get: the report's browser tests will skip"; \
 	fi
 
-demo: install
+demo: $(STAMP)
 	$(BIN)/daskpath demo
 
 test: install
