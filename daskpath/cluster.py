@@ -717,6 +717,18 @@ def warm_imports() -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - an optional reader missing is the task's business
             pass
+    try:  # a zarr read that never returns (seen once: a worker thread waiting on zarr's I/O
+        # loop while the loop sat idle) becomes a TimeoutError, so the task is retried
+        import zarr
+
+        if zarr.config.get("async.timeout") is None:
+            zarr.config.set({"async.timeout": ZARR_IO_TIMEOUT})
+    except Exception:  # noqa: BLE001
+        pass
+
+
+#: Seconds a single zarr read or write may take in a worker before it fails (and is retried).
+ZARR_IO_TIMEOUT = 300.0
 
 
 def dask_setup(worker) -> None:
