@@ -725,7 +725,8 @@ def write_class_labels(labels_store: str | os.PathLike[str], classes_store: str 
                       attrs={"content": "Ki67 class of each nucleus: 1 negative, 2 positive"})
     pos = table["positive"].to_numpy(bool)
     idv = table["id"].to_numpy(np.int64)
-    lut = dask.delayed((np.sort(idv[~pos]), np.sort(idv[pos])), pure=True)
+    order = np.argsort(idv, kind="stable")
+    lut = dask.delayed((idv[order], np.where(pos[order], 2, 1).astype(np.uint8)), pure=True)
     cy, cx = ids.chunks
     fn = dask.delayed(_class_chunk, pure=True)
     parts = [fn(str(labels_store), str(classes_store), (y0, min(y0 + cy, ids.shape[0]), x0,
@@ -745,12 +746,17 @@ def _class_chunk(labels_store: str, classes_store: str, region: tuple[int, int, 
 
     y0, y1, x0, x1 = region
     ids = np.asarray(ome.open_level(labels_store, 0)[y0:y1, x0:x1])
-    if not ids.any():
+    nz = np.flatnonzero(ids)
+    if not len(nz):
         return
-    out = np.zeros(ids.shape, np.uint8)
-    out[np.isin(ids, lut[0])] = 1
-    out[np.isin(ids, lut[1])] = 2
-    ome.write_region(classes_store, y0, x0, out)
+    sorted_ids, classes = lut  # ids ascending, their class (1 negative, 2 positive)
+    out = np.zeros(ids.size, np.uint8)
+    if len(sorted_ids):
+        v = ids.ravel()[nz]
+        i = np.minimum(np.searchsorted(sorted_ids, v), len(sorted_ids) - 1)
+        hit = sorted_ids[i] == v  # ids absent from the table stay 0
+        out[nz[hit]] = classes[i[hit]]
+    ome.write_region(classes_store, y0, x0, out.reshape(ids.shape))
 
 
 def _segment_chunk(img, dab, *, labels_store: str | None, core: tuple[int, int, int, int],

@@ -101,6 +101,8 @@ class SlideOutcome:
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: work folders this run used for the slide (kept by the pruning, done or not)
     work_dirs: list[Path] = field(default_factory=list)
+    #: opening the pair (and waiting for its ingest): {"started": unix time, "seconds": wall}
+    opened: dict[str, float] = field(default_factory=dict)
 
 
 #: Seconds between two progress lines when stderr is not a terminal (a log file, a pipe);
@@ -430,7 +432,9 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
     stage = "open"
     locked = False
     try:
+        t_open = time.time()
         ctx.pair()  # outside the build lock: ingesting a flat raster may take minutes
+        res.opened = {"started": round(t_open, 3), "seconds": round(time.time() - t_open, 3)}
         inputs = input_identity(row.he, row.ihc)  # after pair(): the files are checked slides
         lock.acquire()
         locked = True
@@ -459,7 +463,9 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
                         changes += [k for k, v in info.items() if (prev.get("info") or {}).get(k) != v]
                 work.mkdir(parents=True, exist_ok=True)
                 ctx.work = work
+                started, t_run = time.time(), time.perf_counter()
                 part = st.run(ctx)
+                seconds = time.perf_counter() - t_run
                 missing = [a.name for a in arts if not (work / a.name).exists()]
                 if missing:
                     raise DaskpathError(f"stage {st.name} did not write {', '.join(missing)} "
@@ -469,7 +475,9 @@ def _run_slide(row, stages: list[Stage], models: dict[str, dict], cfg: Config, o
                 shutil.rmtree(work / "chunks", ignore_errors=True)
                 c = ctx.counts.get(st.name)
                 res.stages[st.name] = {"fp": fp, "recomputed": True,
-                                       "chunks": c.total if c else 0, "chunks_resumed": c.done if c else 0}
+                                       "chunks": c.total if c else 0, "chunks_resumed": c.done if c else 0,
+                                       "started": round(started, 3), "seconds": round(seconds, 3)}
+                log.debug("slide %s: stage %s took %.1f s", slide, st.name, seconds)
                 recomputed.append(st.name)
             res.state[st.name] = {
                 "fp": fp, "record": record, "info": info,
@@ -725,7 +733,8 @@ def _assemble(cfg: Config, manifest: pd.DataFrame, out: Path, stages: list[Stage
         "status": "complete" if not failures else "complete with failed slides",
         "stages": [s.name for s in stages],
         "warnings": warnings,
-        "slides": {s: {"status": "failed" if o.failure else "ok", "stages": o.stages,
+        "slides": {s: {"status": "failed" if o.failure else "ok", "opened": o.opened,
+                       "stages": o.stages,
                        **({"failure": o.failure} if o.failure else {}), "message": o.message}
                    for s, o in outcomes.items()},
         "outputs": sorted(runset.names),

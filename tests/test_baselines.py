@@ -108,11 +108,33 @@ def test_rf_tiles_only_computes_needed_chunks(small_he):
     he = da.from_array(small_he, chunks=(100, 100, 3))
     tiles = pd.DataFrame({"y0": [10], "x0": [20], "height": [50], "width": [60]})
     lazy = predict_tiles_rf(he, tiles, "phantom", compute=False)
-    keys = [k for k in dict(lazy.__dask_graph__()) if "rf-classes" in str(k)]
+    keys = [k for k in dict(lazy.__dask_graph__()) if "_count_rects" in str(k)]
     assert len(keys) == 1  # one chunk meets the tile
     with dask.config.set(scheduler="sync"):
         got = lazy.compute()
     assert got["nucleus_px_rf"].iloc[0] >= got["positive_px_rf"].iloc[0]
+
+
+@needs_sklearn
+@pytest.mark.parametrize("chunks", [(97, 131), (300, 260), (61, 67)])
+def test_rf_tiles_classify_only_the_tiles_and_equal_the_whole_map(small_he, chunks):
+    """Optimisation (issue 12): only the tiles' pixels are classified, not their chunks; the
+    counts equal those of the whole-image class map for tiles that cross chunk borders, touch
+    the slide edge or overlap each other."""
+    from daskpath.baselines.rf import classify_image, load_rf, predict_tiles_rf
+
+    clf, spec = load_rf("phantom")
+    whole = classify_image(small_he, clf, spec)
+    tiles = pd.DataFrame({"y0": [0, 90, 150, 240, 37], "x0": [0, 120, 200, 0, 37],
+                          "height": [64, 100, 150, 60, 90], "width": [80, 90, 60, 260, 90]})
+    he = da.from_array(small_he, chunks=(*chunks, 3))
+    with dask.config.set(scheduler="sync"):
+        got = predict_tiles_rf(he, tiles, "phantom")
+    for r, g in zip(tiles.itertuples(), got.itertuples()):
+        c = whole[r.y0:r.y0 + r.height, r.x0:r.x0 + r.width]
+        assert g.positive_px_rf == np.count_nonzero(c == 2)
+        assert g.nucleus_px_rf == np.count_nonzero(c > 0)
+    assert (got["nucleus_px_rf"] > 0).all()
 
 
 @needs_sklearn

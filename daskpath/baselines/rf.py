@@ -386,6 +386,20 @@ def _count_block(classes: np.ndarray, rects: np.ndarray) -> np.ndarray:
     return out
 
 
+def _count_rects(block: np.ndarray, folder: str, rects: np.ndarray) -> np.ndarray:
+    """``(k, 2)`` int64 nucleus and positive pixels of each rect ``y0, y1, x0, x1`` (in
+    ``block``'s pixels), classifying only the rects: ``block`` is a chunk with its halo, so each
+    rect's features see their whole support (or the slide edge) and the classes equal a
+    whole-slide classification's (:func:`classify_image` with ``core``)."""
+    clf, spec = load_rf(folder)
+    out = np.zeros((len(rects), 2), np.int64)
+    for i, (y0, y1, x0, x1) in enumerate(rects):
+        c = classify_image(block, clf, spec, core=(int(y0), int(y1), int(x0), int(x1)))
+        out[i, 1] = np.count_nonzero(c == 2)
+        out[i, 0] = out[i, 1] + np.count_nonzero(c == 1)
+    return out
+
+
 def _assemble(tiles: pd.DataFrame, parts: list[np.ndarray], index: list[np.ndarray], model: str
               ) -> pd.DataFrame:
     counts = np.zeros((len(tiles), 2), np.int64)
@@ -428,7 +442,9 @@ def predict_tiles_rf(he: Any, tiles: pd.DataFrame, model: str | os.PathLike[str]
 
     Notes
     -----
-    Only the chunks that meet a tile are classified (the others are never computed).
+    Only the tiles' pixels are classified (the parts of a chunk outside every tile are not):
+    each chunk that meets a tile is read with its halo and each tile's part in it classified
+    with its own context, which gives the pixel classes of :func:`predict_pixels_rf` (tested).
 
     Raises
     ------
@@ -437,12 +453,25 @@ def predict_tiles_rf(he: Any, tiles: pd.DataFrame, model: str | os.PathLike[str]
     """
     import dask
 
+    import dask.array as da
+
+    from daskpath._halo import align_chunks
+
     he = as_rgb_dask(he)
     tiles = check_tiles(tiles, he.shape[:2])
-    classes = predict_pixels_rf(he, model)
-    blocks = classes.to_delayed(optimize_graph=False)
-    oy = np.cumsum((0,) + classes.chunks[0])
-    ox = np.cumsum((0,) + classes.chunks[1])
+    folder = resolve_model("rf", model)
+    _, spec = load_rf(folder)  # fail early on a bad model
+    d = spec.depth
+    cy = align_chunks(he.chunks[0], min_size=d)
+    cx = align_chunks(he.chunks[1], min_size=d)
+    dy, dx = (d if len(cy) > 1 else 0), (d if len(cx) > 1 else 0)
+    he = he.rechunk((cy, cx, 3))
+    if dy or dx:  # the halo rule of overlap_2d: no padding beyond the slide edge
+        he = da.overlap.overlap(he, depth={0: dy, 1: dx, 2: 0}, boundary="none",
+                                allow_rechunk=False)
+    blocks = he.to_delayed(optimize_graph=False)
+    oy = np.cumsum((0,) + cy)
+    ox = np.cumsum((0,) + cx)
     ty0, tx0 = tiles["y0"].to_numpy(), tiles["x0"].to_numpy()
     ty1, tx1 = ty0 + tiles["height"].to_numpy(), tx0 + tiles["width"].to_numpy()
     parts, index = [], []
@@ -457,7 +486,9 @@ def predict_tiles_rf(he: Any, tiles: pd.DataFrame, model: str | os.PathLike[str]
             rects = np.stack([np.maximum(ty0[sel], oy[i]) - oy[i], np.minimum(ty1[sel], oy[i + 1]) - oy[i],
                               np.maximum(tx0[sel], ox[j]) - ox[j], np.minimum(tx1[sel], ox[j + 1]) - ox[j]],
                              axis=1)
-            part = dask.delayed(_count_block, pure=True)(blocks[i, j], rects)
+            top, left = (dy if i else 0), (dx if j else 0)  # the core inside the halo'd block
+            rects = rects + np.array([top, top, left, left])
+            part = dask.delayed(_count_rects, pure=True)(blocks[i, j, 0], str(folder), rects)
             if record_dir is not None:
                 from daskpath.resume import recorded
 
