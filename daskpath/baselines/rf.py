@@ -186,21 +186,83 @@ def _stain_channels(rgb: np.ndarray, channels: Sequence[str]) -> np.ndarray:
     return np.ascontiguousarray(od @ m)
 
 
-def pixel_features(rgb: np.ndarray, spec: RFSpec | None = None) -> np.ndarray:
+def pixel_features(rgb: np.ndarray, spec: RFSpec | None = None, *, reference: bool = False
+                   ) -> np.ndarray:
     """Per-pixel features of an RGB uint8 image: float32 ``(h, w, spec.n_features)``.
 
     Border pixels use the filters' own edge handling (as for a whole slide); see the module
     docstring for the halo that makes a window's inner pixels equal to the slide's.
-    """
-    from skimage.feature import multiscale_basic_features
 
+    The features are those of :func:`skimage.feature.multiscale_basic_features` (same order,
+    same kernels, truncation and border modes). By default they are computed by
+    :func:`_fast_features` (OpenCV's separable filters for the Gaussian and Sobel passes, the
+    feature planes transposed once instead of ``np.stack``): ~4x less CPU, equal to skimage's
+    within float32 rounding (the Gaussian and Sobel sums are accumulated in float32 instead of
+    float64; the gradients and Hessian eigenvalues are computed as skimage does). ``reference``
+    calls skimage itself.
+    """
     spec = spec or RFSpec()
     ch = _stain_channels(np.asarray(rgb), spec.channels)
+    if not reference:
+        return _fast_features(ch, spec)
+    from skimage.feature import multiscale_basic_features
+
     f = multiscale_basic_features(ch, intensity=spec.intensity, edges=spec.edges,
                                   texture=spec.texture, sigma_min=spec.sigma_min,
                                   sigma_max=spec.sigma_max, num_sigma=spec.num_sigma, workers=1,
                                   channel_axis=-1)
     return f.astype(np.float32, copy=False)
+
+
+def _gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """scipy.ndimage's 1-D Gaussian (radius ``int(truncate * sigma + 0.5)``, sum 1)."""
+    r = gaussian_radius(float(sigma), truncate=truncate)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 / (sigma * sigma) * x * x)
+    return k / k.sum()
+
+
+def _fast_features(ch: np.ndarray, spec: RFSpec) -> np.ndarray:
+    """skimage's ``multiscale_basic_features`` of float32 ``(h, w, c)`` channels, with OpenCV.
+
+    Per channel, per sigma (skimage's order): the Gaussian (``mode="nearest"``, truncate 4:
+    ``BORDER_REPLICATE``), its Sobel magnitude (``ndi.convolve`` with ``[1, 0, -1] x [1, 2,
+    1] / 4``, ``mode="reflect"``: ``BORDER_REFLECT``; ``sqrt(gy² + gx²) / sqrt(2)``), and the
+    two Hessian eigenvalues from ``np.gradient`` of the Gaussian (larger first), exactly as
+    :func:`skimage.feature.hessian_matrix_eigvals` computes them.
+    """
+    import cv2
+
+    h, w, nc = ch.shape
+    buf = np.empty((spec.n_features, h, w), np.float32)
+    smooth = np.array([0.25, 0.5, 0.25], np.float32)
+    edge = np.array([1.0, 0.0, -1.0], np.float32)
+    inv_sqrt2 = np.float32(1.0) / np.sqrt(np.float32(2.0))
+    k = 0
+    for c in range(nc):
+        img = np.ascontiguousarray(ch[..., c], dtype=np.float32)
+        for sigma in spec.sigmas:
+            kern = _gaussian_kernel(float(sigma))
+            g = cv2.sepFilter2D(img, cv2.CV_32F, kern, kern, borderType=cv2.BORDER_REPLICATE)
+            if spec.intensity:
+                buf[k] = g
+                k += 1
+            if spec.edges:
+                gy = cv2.sepFilter2D(g, cv2.CV_32F, smooth, edge, borderType=cv2.BORDER_REFLECT)
+                gx = cv2.sepFilter2D(g, cv2.CV_32F, edge, smooth, borderType=cv2.BORDER_REFLECT)
+                np.multiply(cv2.magnitude(gx, gy), inv_sqrt2, out=buf[k])
+                k += 1
+            if spec.texture:
+                dy, dx = np.gradient(g, axis=0), np.gradient(g, axis=1)
+                m00 = np.gradient(dy, axis=0)
+                m01 = np.gradient(dy, axis=1)
+                m11 = np.gradient(dx, axis=1)
+                half = (m00 + m11) / 2
+                hsqrtdet = np.sqrt(m01**2 + ((m00 - m11) / 2) ** 2)
+                np.add(half, hsqrtdet, out=buf[k])
+                np.subtract(half, hsqrtdet, out=buf[k + 1])
+                k += 2
+    return np.ascontiguousarray(buf.transpose(1, 2, 0))
 
 
 def classify_image(rgb: np.ndarray, clf: Any, spec: RFSpec, *, core: tuple[int, int, int, int] | None = None

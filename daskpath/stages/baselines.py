@@ -26,7 +26,7 @@ class BaselinesStage(Stage):
 
     name = "baselines"
     requires = ("preprocess",)
-    version = 1
+    version = 2  # 2: RF features by the OpenCV path (equal to skimage's within float32 rounding)
     config_sections = ("baselines",)
 
     def keys(self, cfg) -> dict[str, Any]:
