@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from daskpath._halo import halo_depth, overlap_2d
+from daskpath._halo import align_chunks, halo_depth, overlap_2d, read_with_halo
 from daskpath._process_cache import cached
 from daskpath.errors import InvalidInputError, ModelError
 from daskpath.translate.checkpoints import GeneratorSpec, load_generator, read_spec, _resolve
@@ -94,6 +94,8 @@ __all__ = [
     "run_generator",
     "translate_array",
     "translate",
+    "RegionTranslator",
+    "translator",
     "window_starts",
     "window_size",
     "window_layout",
@@ -771,7 +773,119 @@ def translate(
         Chunked like ``he`` (rechunked to multiples of the network stride, and chunks thinner
         than the halo merged, if needed: :func:`~daskpath._halo.align_chunks`).
     """
-    import dask
+    return translator(
+        he, model, tile=tile, halo=halo, batch_size=batch_size, blend=blend, norm_stats=norm_stats,
+        n_stat_tiles=n_stat_tiles, stat_tile=stat_tile, device=device, amp=amp, seed=seed,
+        torch_threads=torch_threads, optimize=optimize,
+    ).array(he, resources=resources)
+
+
+@dataclass(frozen=True)
+class RegionTranslator:
+    """The per-chunk translation of :func:`translate`, also for any box of the slide.
+
+    Built by :func:`translator` (which measures slide-level norm statistics once, as
+    :func:`translate` does). :meth:`array` is :func:`translate`'s lazy result; :meth:`region`
+    translates one box ``(y0, y1, x0, x1)`` read with the same halo and edge rule (``depth`` px
+    of context, none beyond the slide edge: :func:`~daskpath._halo.read_with_halo`), so that a
+    box inside a chunk gets the chunk's pixels up to float rounding when :attr:`exact_boxes`.
+    Picklable (holds a :class:`TranslatorRef`, never a network).
+
+    Attributes
+    ----------
+    fn : callable
+        The per-block function (a halo'd ``(h, w, 3)`` uint8 block -> its translation).
+    depth : int
+        Halo read around each chunk or box (the generator's halo rounded up to ``multiple``).
+    multiple : int
+        Stride grid of window origins (4 for ResNets, else 1); box corners are snapped to it.
+    name : str
+        Dask key prefix of :meth:`array`.
+    """
+
+    fn: _TranslateBlock
+    depth: int
+    multiple: int
+    name: str
+
+    @property
+    def exact_boxes(self) -> bool:
+        """Whether a box equals the same pixels of a whole-chunk translation (float rounding).
+
+        True for ResNet generators with frozen or running norms and ``blend="crop"``: every
+        output pixel sees only its receptive field (<= the halo) on the stride grid. False for
+        U-Nets (which see whole fixed windows laid out over the block), per-window norm
+        statistics (``norm_stats="tile"``) and feathered blending, whose outputs depend on the
+        window layout and hence on the block: translate whole chunks for those.
+        """
+        ref = self.fn.ref
+        return (ref.spec.arch.startswith("resnet") and ref.norm != "tile" and self.fn.blend == "crop")
+
+    def chunks(self, he_chunks: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Spatial chunks of :meth:`array` for an H&E chunked ``he_chunks`` (see ``overlap_2d``)."""
+        return (align_chunks(he_chunks[0], multiple=self.multiple, min_size=self.depth),
+                align_chunks(he_chunks[1], multiple=self.multiple, min_size=self.depth))
+
+    def snap(self, box: tuple[int, int, int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+        """``box`` grown outward to the stride grid (corners multiples of :attr:`multiple`, or
+        the slide edge) and clipped to the slide ``shape``."""
+        m = self.multiple
+        y0, y1, x0, x1 = (int(v) for v in box)
+        h, w = (int(v) for v in shape[:2])
+        return (max(0, y0 // m * m), min(h, -(-y1 // m) * m), max(0, x0 // m * m), min(w, -(-x1 // m) * m))
+
+    def array(self, he, resources: dict[str, float] | None = None) -> da.Array:
+        """Lazy virtual IHC of the whole slide ``he`` (what :func:`translate` returns)."""
+        import dask
+        import dask.array as da
+
+        if not isinstance(he, da.Array):
+            he = da.asarray(he)
+        return overlap_2d(self.fn, he, depth=self.depth, multiple=self.multiple, dtype=np.uint8,
+                          resources=resources, name=f"{self.name}-{dask.base.tokenize(he)}")
+
+    def region(self, src: Any, box: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
+        """Translate the box ``(y0, y1, x0, x1)`` of the H&E read from ``src`` (``src[ys, xs]``,
+        e.g. :func:`daskpath.io.region_source` or a numpy array) of slide size ``shape``.
+
+        The box is read with :attr:`depth` px of halo clipped to the slide and translated by
+        :attr:`fn`, as :meth:`array` does for a chunk; the box must be on the stride grid
+        (:meth:`snap`). Returns ``(y1 - y0, x1 - x0, 3)`` uint8.
+        """
+        y0, y1, x0, x1 = (int(v) for v in box)
+        if self.snap(box, shape) != (y0, y1, x0, x1) or y1 <= y0 or x1 <= x0:
+            raise InvalidInputError(f"translate region {tuple(box)}: corners must be multiples of "
+                                    f"{self.multiple} (or the slide edge) inside {tuple(shape[:2])}; "
+                                    "use RegionTranslator.snap")
+        block, core = read_with_halo(src, (y0, y1, x0, x1), shape[:2], self.depth)
+        block = np.ascontiguousarray(np.asarray(block)[..., :3], dtype=np.uint8)
+        return self.fn(block)[core]
+
+
+def translator(
+    he,
+    model: str | os.PathLike[str] | TranslatorRef = "phantom",
+    *,
+    tile: int | None = None,
+    halo: int | None = None,
+    batch_size: int = 8,
+    blend: Blend = "crop",
+    norm_stats: NormMode | NormStats = "auto",
+    n_stat_tiles: int = 16,
+    stat_tile: int | None = None,
+    device: str | None = None,
+    amp: str | bool | None = None,
+    seed: int = 0,
+    torch_threads: int | None = None,
+    optimize: bool = True,
+) -> RegionTranslator:
+    """The :class:`RegionTranslator` behind :func:`translate` (same parameters, no ``resources``).
+
+    Checks the arguments and, for ``norm_stats="slide"`` (or ``"auto"`` with instance norm),
+    measures the slide-level statistics on ``he`` once. ``translate(he, ...)`` is
+    ``translator(he, ...).array(he, resources)``; :meth:`RegionTranslator.region` translates
+    single boxes with the same halo, windows and statistics.
+    """
     import dask.array as da
 
     if not isinstance(he, da.Array):
@@ -809,8 +923,7 @@ def translate(
     step = 4 if m == 4 else 1
     fn = _TranslateBlock(ref, tile, halo, batch_size, blend, device, amp, torch_threads)
     key = hashlib.sha1(repr((ref.key, tile, halo, blend, amp)).encode()).hexdigest()[:8]
-    return overlap_2d(fn, he, depth=halo_depth(halo, multiple=step), multiple=step, dtype=np.uint8,
-                      resources=resources, name=f"translate-{key}-{dask.base.tokenize(he)}")
+    return RegionTranslator(fn, halo_depth(halo, multiple=step), step, f"translate-{key}")
 
 
 # --------------------------------------------------------------------------------------------
