@@ -25,7 +25,15 @@ Measured in one run, every configuration in a fresh subprocess (so peak memory i
 4. **Peak memory per worker** for the ``--small``^2 vs the ``--big``^2 pair (``chunk_size``
    2048 for both, default layers): it must not grow with the slide size.
 
-Timings exclude process/cluster start-up and library imports on both sides (workers are warmed
+5. ``--only issue12`` (issue 12, item 1): the 2 x 8192² tiled pairs (1024-px tiles), one run
+   per side, sides interleaved over ``--repeats`` rounds: the seed's loop on the TIFFs
+   (``tifffile.imread`` + per-tile skimage SSIM), TIAToolbox 2.1.3 in its own venv
+   (``--tia-python``; work only, its import apart), and ``daskpath run`` *including* the start
+   of its LocalCluster (start-up reported apart), on the same job (QC and registration off) and
+   on the defaults, optionally also daskpath as of another source tree (``--before``). JSON:
+   ``results/preprocess-issue12.json``.
+
+Timings of items 1-4 exclude process/cluster start-up and library imports on both sides (workers are warmed
 by importing the pipeline's modules first); they include reading and decoding the files (from
 the OS page cache once a file has been read). ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` /
 ``MKL_NUM_THREADS`` / ``NUMEXPR_NUM_THREADS`` = 1 for every process of both sides; OpenCV is
@@ -335,7 +343,135 @@ def job_ssim(p: dict) -> dict:
     }
 
 
-JOBS = {"baseline": job_baseline, "daskpath": job_daskpath, "ssim": job_ssim}
+# --------------------------------------------------------------------------------------------
+# issue 12: 2 x 8192² tiled JPEG TIFF pairs (1024-px tiles), one run each, start-up included
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_all() -> float:
+    """CPU seconds of this process and of its reaped children (worker processes)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def job_seed_tiff(p: dict) -> dict:
+    """The seed's loop on the TIFF pairs: ``tifffile.imread`` of each whole slide, then per
+    1024-px tile the white-threshold tissue and ``structural_similarity(rgb2gray(a),
+    rgb2gray(b), ...)``; one process, one thread, pairs one after the other."""
+    import numpy as np
+    import tifffile
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+
+    load = os.getloadavg()
+    c0, t0 = _cpu_all(), time.perf_counter()
+    tiles = kept = pixels = 0
+    for he_p, ihc_p in p["pairs"]:
+        he, ihc = tifffile.imread(he_p), tifffile.imread(ihc_p)
+        h, w = he.shape[:2]
+        pixels += h * w
+        for y0 in range(0, h, p["tile"]):
+            for x0 in range(0, w, p["tile"]):
+                a = he[y0:y0 + p["tile"], x0:x0 + p["tile"]]
+                b = ihc[y0:y0 + p["tile"], x0:x0 + p["tile"]]
+                tissue = min(1.0 - float(np.all(a > 220, axis=-1).mean()),
+                             1.0 - float(np.all(b > 220, axis=-1).mean()))
+                s = structural_similarity(rgb2gray(a), rgb2gray(b), gaussian_weights=True,
+                                          sigma=1.5, use_sample_covariance=False, data_range=1)
+                tiles += 1
+                kept += int(tissue >= 0.5 and s >= 0.4)
+        del he, ihc
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_all() - c0,
+            "pixels": pixels, "tiles": tiles, "tiles_kept": kept, "peak_mib": _maxrss_mib(),
+            "loadavg_before": load, "loadavg_after": os.getloadavg()}
+
+
+def job_tiatoolbox(p: dict) -> dict:
+    """TIAToolbox's way (run with its own venv's python): per pair ``WSIReader.open`` of both
+    slides, its morphological tissue mask of the H&E, sliding-window patch extraction of
+    1024-px patches over that mask (``min_mask_ratio`` 0.5), the IHC patch at the same place
+    (``read_rect``), and skimage SSIM per tissue tile. The import is timed apart (work only)."""
+    load = os.getloadavg()
+    c0, t0 = _cpu_all(), time.perf_counter()
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+    from tiatoolbox.tools import patchextraction
+    from tiatoolbox.wsicore.wsireader import WSIReader
+
+    import_s, import_cpu = time.perf_counter() - t0, _cpu_all() - c0
+    c0, t0 = _cpu_all(), time.perf_counter()
+    tiles = kept = pixels = 0
+    for he_p, ihc_p in p["pairs"]:
+        he, ihc = WSIReader.open(he_p), WSIReader.open(ihc_p)
+        w, h = he.info.slide_dimensions
+        pixels += h * w
+        mask = he.tissue_mask(method="morphological", resolution=p["mask_resolution"],
+                              units="baseline")
+        ext = patchextraction.get_patch_extractor(
+            "slidingwindow", input_img=he, input_mask=mask, patch_size=(p["tile"], p["tile"]),
+            stride=(p["tile"], p["tile"]), resolution=0, units="level", min_mask_ratio=0.5)
+        for i, patch in enumerate(ext):
+            x0, y0 = int(ext.locations_df["x"][i]), int(ext.locations_df["y"][i])
+            other = ihc.read_rect((x0, y0), (p["tile"], p["tile"]), resolution=0, units="level")
+            s = structural_similarity(rgb2gray(patch[..., :3]), rgb2gray(other[..., :3]),
+                                      gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False, data_range=1)
+            tiles += 1
+            kept += int(s >= 0.4)
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_all() - c0,
+            "import_seconds": import_s, "import_cpu_seconds": import_cpu, "pixels": pixels,
+            "tiles": tiles, "tiles_kept": kept, "peak_mib": _maxrss_mib(),
+            "loadavg_before": load, "loadavg_after": os.getloadavg()}
+
+
+def job_daskpath_startup(p: dict) -> dict:
+    """``daskpath.pipeline.run`` on the pairs' manifest including the start of its own
+    LocalCluster (``daskpath.cluster.connect``: 2 worker processes x 1 thread, daskpath's worker
+    preload) and its shutdown. Start-up (cluster + workers ready) is reported apart; CPU is this
+    process (client + scheduler) plus the worker processes (reaped children)."""
+    from daskpath.cluster import connect
+    from daskpath.config import load_config
+    from daskpath.pipeline import run
+
+    out = Path(p["output_dir"])
+    shutil.rmtree(out, ignore_errors=True)
+    over = {"slides": p["manifest"], "output_dir": str(out / "run"), "overwrite": True,
+            "stages": ["preprocess"], "cache_dir": str(out / "cache"),
+            "layers": {"downsample": p["downsample"]},
+            "qc": {"enabled": p["qc"]}, "registration": {"enabled": p["registration"]},
+            "cluster": {"n_workers": p["workers"], "threads_per_worker": 1,
+                        "dashboard_address": None}}
+    cfg = load_config(overrides=over)
+    load = os.getloadavg()
+    c0, t0 = _cpu_all(), time.perf_counter()
+    with connect(cfg.cluster) as client:
+        client.wait_for_workers(p["workers"])
+        t_up, c_up = time.perf_counter() - t0, _cpu_all() - c0
+        wcpu0 = sum(client.run(_worker_cpu).values())
+        c_self0 = _cpu_s()
+        t1 = time.perf_counter()
+        res = run(cfg, client=client)
+        t_run = time.perf_counter() - t1
+        wcpu = sum(client.run(_worker_cpu).values()) - wcpu0
+        c_self = _cpu_s() - c_self0
+        peaks = sorted(client.run(_worker_maxrss).values())
+    seconds, cpu = time.perf_counter() - t0, _cpu_all() - c0
+    if not res.ok:
+        raise RuntimeError(f"daskpath run failed: {res.failures.to_dict('records')}")
+    if p.get("tiles_out"):
+        res.tiles.to_parquet(p["tiles_out"], index=False)
+    px = int((res.slides["height"] * res.slides["width"]).sum())
+    return {"seconds": seconds, "cpu_seconds": cpu, "startup_seconds": t_up,
+            "startup_cpu_seconds": c_up, "run_seconds": t_run, "run_cpu_seconds": wcpu + c_self,
+            "workers_cpu_seconds": wcpu, "client_cpu_seconds": c_self, "pixels": px,
+            "tiles": len(res.tiles), "tiles_kept": int(res.tiles["keep"].sum()),
+            "worker_peak_mib": peaks, "client_peak_mib": _maxrss_mib(),
+            "loadavg_before": load, "loadavg_after": os.getloadavg()}
+
+
+JOBS = {"baseline": job_baseline, "daskpath": job_daskpath, "ssim": job_ssim,
+        "seed_tiff": job_seed_tiff, "tiatoolbox": job_tiatoolbox,
+        "daskpath_startup": job_daskpath_startup}
 
 
 def _child_main(kind: str, params: str) -> None:
@@ -349,10 +485,16 @@ def _child_main(kind: str, params: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def spawn(kind: str, params: dict, log: Path) -> dict:
-    """Run one job in a fresh interpreter; return its result dict."""
+def spawn(kind: str, params: dict, log: Path, python: str | None = None,
+          pythonpath: str | None = None) -> dict:
+    """Run one job in a fresh interpreter; return its result dict.
+
+    ``python``: another interpreter (TIAToolbox's own venv); ``pythonpath``: a source tree put
+    first on the path (daskpath as of another commit, for a before / after in one run)."""
     env = dict(os.environ, **_THREAD_ENV, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", kind,
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    cmd = [python or sys.executable, str(Path(__file__).resolve()), "--_child", kind,
            "--_params", json.dumps(params)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True)
@@ -481,6 +623,152 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def issue12(args: argparse.Namespace) -> int:
+    """Issue 12's row: 2 x 8192² tiled JPEG TIFF pairs (1024-px tiles), every side in one run,
+    repeats interleaved (so background load hits each alike), medians; pair-MP per CPU-second."""
+    wd = args.workdir.absolute()
+    wd.mkdir(parents=True, exist_ok=True)
+    log = wd / "bench-issue12.log"
+    log.write_text("")
+    data = args.issue12_data
+    if data is None:
+        data = wd / "data" / "issue12-tiled1024-8192x2"
+        if not (data / "manifest.csv").exists():
+            from daskpath.synthetic import make_cohort
+
+            print(f"  generating 2 x 8192² tiled pairs (1024-px tiles) in {data} ...", flush=True)
+            make_cohort(data, pairs=2, size=(8192, 8192), seed=0, layout="tiled", tile_size=1024)
+    man = data / "manifest.csv"
+    import csv
+
+    with open(man) as f:
+        rows = list(csv.DictReader(f))
+    pairs = [[str((data / r["he"]).resolve()), str((data / r["ihc"]).resolve())] for r in rows]
+    res: dict = {"params": {"what": "issue12", "pairs": pairs, "repeats": args.repeats, "tile": TILE,
+                            "threads_env": _THREAD_ENV},
+                 "machine": _machine(), "versions": _versions(), "rows": {}}
+    tiles_dir = wd / "tiles-issue12"
+    tiles_dir.mkdir(exist_ok=True)
+
+    def dp(qc: bool, reg: bool, tag: str) -> dict:
+        return {"manifest": str(man), "output_dir": str(wd / "out-issue12"), "workers": 2,
+                "downsample": 0, "qc": qc, "registration": reg,
+                "tiles_out": str(tiles_dir / f"{tag}.parquet")}
+
+    configs: list[tuple[str, str, dict, dict]] = [  # key, job, params, spawn options
+        ("seed", "seed_tiff", {"pairs": pairs, "tile": TILE}, {}),
+        ("daskpath_fair", "daskpath_startup", dp(False, False, "fair"), {}),
+        ("daskpath_default", "daskpath_startup", dp(True, True, "default"), {}),
+    ]
+    if args.before:
+        configs += [
+            ("before_fair", "daskpath_startup", dp(False, False, "before_fair"),
+             {"pythonpath": str(args.before)}),
+            ("before_default", "daskpath_startup", dp(True, True, "before_default"),
+             {"pythonpath": str(args.before)})]
+    tia_ok = False
+    if args.tia_python and Path(args.tia_python).exists():
+        probe = subprocess.run([args.tia_python, "-c", "import tiatoolbox; print(tiatoolbox.__version__)"],
+                               capture_output=True, text=True, check=False)
+        tia_ok = probe.returncode == 0
+        res["params"]["tiatoolbox"] = probe.stdout.strip() or probe.stderr[-300:]
+    if tia_ok:
+        configs.append(("tiatoolbox", "tiatoolbox", {"pairs": pairs, "tile": TILE,
+                                                     "mask_resolution": 1 / 32},
+                        {"python": args.tia_python}))
+    else:
+        res["rows"]["tiatoolbox"] = {"not_measured": f"no working TIAToolbox at {args.tia_python}"}
+    runs: dict[str, list[dict]] = {k: [] for k, *_ in configs}
+
+    def save() -> None:
+        for key, rs in runs.items():
+            if rs:
+                res["rows"][key] = _agg12(rs)
+        res["machine"]["loadavg_end"] = os.getloadavg()
+        res["table_markdown"] = table12(res)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+
+    print(f"issue 12: {len(pairs)} pairs from {man}; load {os.getloadavg()}", flush=True)
+    for i in range(args.repeats):
+        for key, job, params, opts in configs:
+            r = spawn(job, params, log, **opts)
+            runs[key].append(r)
+            print(f"  [{i + 1}/{args.repeats}] {key}: {r['seconds']:.1f} s wall, "
+                  f"{r['cpu_seconds']:.1f} CPU-s, {r['pixels'] / 1e6 / r['cpu_seconds']:.2f} "
+                  f"pair-MP/CPU-s (load {r['loadavg_before'][0]:.1f} -> "
+                  f"{r['loadavg_after'][0]:.1f})", flush=True)
+            save()
+    # the tile tables agree with the run before the change (same inputs, same settings)
+    import numpy as np
+    import pandas as pd
+
+    for tag in ("fair", "default"):
+        a, b = tiles_dir / f"{tag}.parquet", tiles_dir / f"before_{tag}.parquet"
+        if a.exists() and b.exists():
+            ta, tb = pd.read_parquet(a), pd.read_parquet(b)
+            num = [c for c in ta.columns if ta[c].dtype.kind == "f"]
+            diff = max(float(np.nanmax(np.abs(ta[c].to_numpy() - tb[c].to_numpy()), initial=0))
+                       for c in num)
+            same = all((ta[c].to_numpy() == tb[c].to_numpy()).all() for c in ta.columns
+                       if c not in num)
+            res[f"tiles_vs_before_{tag}"] = {"max_abs_diff": diff, "other_columns_equal": same}
+    save()
+    print()
+    print(res["table_markdown"])
+    print(f"\nJSON: {args.json}; log: {log}")
+    return 0
+
+
+def _agg12(rs: list[dict]) -> dict:
+    out = {"runs": rs, "repeats": len(rs), "pixels": rs[0]["pixels"]}
+    for k in rs[0]:
+        if isinstance(rs[0][k], (int, float)) and k != "pixels":
+            out[k] = statistics.median(r[k] for r in rs)
+    out["loadavg"] = [r["loadavg_before"] for r in rs]
+    return out
+
+
+def table12(res: dict) -> str:
+    """Markdown table of the issue-12 row."""
+    rows = res["rows"]
+    lines = ["| side (2 x 8192² tiled pairs, one run) | wall s | CPU s | pair-MP / CPU-s | "
+             "start-up apart | vs seed (CPU / wall) | vs TIAToolbox (CPU / wall) | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|"]
+    seed, tia = rows.get("seed"), rows.get("tiatoolbox")
+    names = {"seed": "seed's loop (tifffile whole decode + skimage SSIM per tile)",
+             "tiatoolbox": "TIAToolbox 2.1.3 (morphological mask, sliding window, skimage SSIM; work only)",
+             "daskpath_fair": "daskpath run, same job (qc, registration off), incl. cluster start",
+             "daskpath_default": "daskpath run, defaults (QC + registration), incl. cluster start",
+             "before_fair": "daskpath before (HEAD), same job, incl. cluster start",
+             "before_default": "daskpath before (HEAD), defaults, incl. cluster start"}
+    for key, name in names.items():
+        r = rows.get(key)
+        if r is None:
+            continue
+        if "not_measured" in r:
+            lines.append(f"| {name} | - | - | - | - | - | - | not measured: {r['not_measured']} |")
+            continue
+        mp = r["pixels"] / 1e6
+        up = "-"
+        if "startup_seconds" in r:
+            up = (f"start {r['startup_seconds']:.1f} s; run {r['run_seconds']:.1f} s wall, "
+                  f"{r['run_cpu_seconds']:.1f} CPU-s (workers {r['workers_cpu_seconds']:.1f}, "
+                  f"client {r['client_cpu_seconds']:.1f}) = {mp / r['run_cpu_seconds']:.1f} pair-MP/CPU-s")
+        elif "import_seconds" in r:
+            up = f"import {r['import_seconds']:.0f} s ({r['import_cpu_seconds']:.0f} CPU-s), excluded"
+
+        def ratio(base, r=r):
+            if not base or "not_measured" in base or base is r:
+                return "-"
+            return (f"{base['cpu_seconds'] / r['cpu_seconds']:.2f}x / "
+                    f"{base['seconds'] / r['seconds']:.2f}x")
+        loads = ", ".join(f"{la[0]:.1f}" for la in r["loadavg"])
+        lines.append(f"| {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+                     f"{mp / r['cpu_seconds']:.1f} | {up} | {ratio(seed)} | {ratio(tia)} | {loads} |")
+    return "\n".join(lines)
+
+
 def _machine() -> dict:
     import psutil
 
@@ -515,8 +803,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: size 2048, small 2048, big 4096, ssim 1024, 1 repeat")
     ap.add_argument("--only", default="baseline,daskpath,png,ssim,scaling,memory",
-                    help="comma-separated subset of: baseline,daskpath,png,ssim,scaling,memory")
+                    help="comma-separated subset of: baseline,daskpath,png,ssim,scaling,memory; "
+                         "or issue12 alone (item 5)")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "preprocess.json")
+    ap.add_argument("--tia-python", default="/tmp/tia/bin/python",
+                    help="python of a separate venv with tiatoolbox==2.1.3 (issue12 row; "
+                         "skipped and reported as not measured when it does not import)")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="issue12 row: a source tree of daskpath as before the change (e.g. "
+                         "`git archive HEAD daskpath | tar -x -C DIR`), measured in the same run")
+    ap.add_argument("--issue12-data", type=Path, default=None,
+                    help="issue12 row: folder with manifest.csv of the 2 x 8192² tiled pairs "
+                         "(default: generated once in --workdir)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_params", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -526,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.size, args.small, args.big, args.ssim_size, args.repeats = 2048, 2048, 4096, 1024, 1
     only = set(args.only.split(","))
+    if only == {"issue12"}:
+        return issue12(args)
     wd = args.workdir.absolute()
     wd.mkdir(parents=True, exist_ok=True)
     log = wd / "bench.log"

@@ -21,20 +21,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-import dask.array as da
 import numpy as np
-from scipy import ndimage as ndi
 
 from daskpath._halo import gaussian_radius, overlap_2d
 from daskpath.errors import InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import dask.array as da
     import xarray as xr
 
 __all__ = ["gray", "ssim_block", "ssim_map", "ssim_radius"]
 
 _GRAY = np.array([0.2125, 0.7154, 0.0721])  # skimage.color.rgb2gray weights
 _TRUNCATE = 3.5
+_STRIP = 64
+"""Rows per strip of the element-wise float32 work (a few arrays of 64 rows stay in the CPU's
+cache: the same operations, in the same order, at about twice the speed of whole-array passes)."""
 
 
 def ssim_radius(sigma: float = 1.5) -> int:
@@ -59,7 +61,12 @@ def gray(rgb: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     cv2 = _cv2()
     if cv2 is not None and rgb.dtype == np.uint8 and np.dtype(dtype) == np.float32 and rgb.ndim == 3:
         m = (_GRAY / 255.0).astype(np.float32).reshape(1, 3)
-        return cv2.transform(rgb.astype(np.float32), m).reshape(rgb.shape[:2])
+        h, w = rgb.shape[:2]
+        out = np.empty((h, w), np.float32)
+        for a in range(0, h, _STRIP):  # in cache-sized strips: half the time of one pass
+            b = min(h, a + _STRIP)
+            out[a:b] = cv2.transform(rgb[a:b].astype(np.float32), m).reshape(b - a, w)
+        return out
     if rgb.dtype == np.uint8:
         x = rgb.astype(dtype) / dtype(255)
     else:
@@ -84,6 +91,8 @@ def gaussian_blur(x: np.ndarray, sigma: float, truncate: float, mode: str = "ref
             k = _kernel(float(sigma), r)
             border = {"reflect": cv2.BORDER_REFLECT, "nearest": cv2.BORDER_REPLICATE}[mode]
             return cv2.sepFilter2D(x, -1, k, k, borderType=border)
+    from scipy import ndimage as ndi  # here: a chunk task never imports what it does not use
+
     return ndi.gaussian_filter(x, sigma, mode=mode, truncate=truncate)
 
 
@@ -150,37 +159,56 @@ def ssim_block(
     # arithmetic: var(a) = E[(a-c)^2] - (E[a]-c)^2 for a constant c), so the rounding of the
     # float32 filters scales with |a - c| instead of |a| ~ 1 on near-white glass, where
     # vx + vy ~ 1e-5 << C2 would otherwise amplify it; then the same formula, in place.
+    # Element-wise steps run strip by strip (_STRIP rows, in cache); each pixel sees the same
+    # float32 operations in the same order as whole-array numpy would do them.
     ca = dtype.type(a.mean(dtype=np.float64))
     cb = dtype.type(b.mean(dtype=np.float64))
-    ac = a - ca
-    bc = b - cb
+    h = a.shape[0]
+    ac, bc = np.empty_like(a), np.empty_like(b)
+    aa, bb, ab = np.empty_like(a), np.empty_like(a), np.empty_like(a)
+    for r0 in range(0, h, _STRIP):
+        r = slice(r0, min(h, r0 + _STRIP))
+        np.subtract(a[r], ca, out=ac[r])
+        np.subtract(b[r], cb, out=bc[r])
+        np.multiply(ac[r], ac[r], out=aa[r])
+        np.multiply(bc[r], bc[r], out=bb[r])
+        np.multiply(ac[r], bc[r], out=ab[r])
     uxc = filt(ac)
     uyc = filt(bc)
-    uxx = filt(ac * ac)
-    uyy = filt(bc * bc)
-    uxy = filt(ac * bc)
     del ac, bc
-    uxx -= uxc * uxc  # vx
-    uyy -= uyc * uyc  # vy
-    uxy -= uxc * uyc  # vxy
-    ux = uxc + ca
-    uy = uyc + cb
-    del uxc, uyc
-    uxuy = ux * uy
-    ux *= ux
-    uy *= uy
-    num = uxuy
-    num *= 2
-    num += c1  # a1
-    uxy *= 2
-    uxy += c2  # a2
-    num *= uxy
-    ux += uy
-    ux += c1  # b1
-    uxx += uyy
-    uxx += c2  # b2
-    ux *= uxx
-    num /= ux
+    uxx = filt(aa)
+    uyy = filt(bb)
+    uxy = filt(ab)
+    del aa, bb, ab
+    num = np.empty_like(uxc)
+    t = np.empty((min(h, _STRIP),) + uxc.shape[1:], dtype)
+    for r0 in range(0, h, _STRIP):
+        r = slice(r0, min(h, r0 + _STRIP))
+        tr = t[: r.stop - r.start]
+        vx, vy, vxy, xc, yc = uxx[r], uyy[r], uxy[r], uxc[r], uyc[r]
+        np.multiply(xc, xc, out=tr)
+        vx -= tr  # vx
+        np.multiply(yc, yc, out=tr)
+        vy -= tr  # vy
+        np.multiply(xc, yc, out=tr)
+        vxy -= tr  # vxy
+        xc += ca  # ux
+        yc += cb  # uy
+        n = num[r]
+        np.multiply(xc, yc, out=n)  # ux * uy
+        xc *= xc
+        yc *= yc
+        n *= 2
+        n += c1  # a1
+        vxy *= 2
+        vxy += c2  # a2
+        n *= vxy
+        xc += yc
+        xc += c1  # b1
+        vx += vy
+        vx += c2  # b2
+        xc *= vx
+        n /= xc
     return num
 
 

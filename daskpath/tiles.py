@@ -18,13 +18,13 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
-import pandas as pd
 
 from daskpath.errors import InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import dask.array as da
+    import pandas as pd
     import xarray as xr
     from dask.delayed import Delayed
 
@@ -40,6 +40,8 @@ def tile_grid(shape: tuple[int, int], size: int) -> pd.DataFrame:
     -------
     DataFrame with columns ``ty, tx, y0, x0, height, width`` in row-major order.
     """
+    import pandas as pd
+
     if size <= 0:
         raise InvalidInputError(f"tile_grid: tile size must be > 0 px, got {size}")
     h, w = int(shape[0]), int(shape[1])
@@ -126,6 +128,8 @@ def tile_sums(maps: Sequence[da.Array], size: int) -> da.Array:
     -------
     dask.array.Array, shape (n_ty, n_tx, len(maps)), float64
     """
+    import dask.array as da
+
     if not maps:
         raise InvalidInputError("tile_sums: no maps given; pass at least one 2-D map")
     first = maps[0]
@@ -232,6 +236,7 @@ def tile_table(
     >>> tiles[tiles.keep]                                           # doctest: +SKIP
     """
     import dask
+    import dask.array as da
 
     from daskpath._halo import align_chunks
     from daskpath.resume import chunk_grid
@@ -342,6 +347,8 @@ def _table_config(config: Config | None, size: Any, min_tissue: Any, ssim_thresh
 def _pair_arrays(pair: Any) -> tuple[Any, Any]:
     """``(he, ihc)`` of a Dataset or a 2-tuple, checked: equal (y, x, 3) uint8 shapes."""
     import sys
+
+    import dask.array as da
 
     xr = sys.modules.get("xarray")
     if xr is not None and isinstance(pair, xr.Dataset):

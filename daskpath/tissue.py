@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
 
 from daskpath._halo import gaussian_radius, overlap_2d
@@ -34,6 +33,7 @@ from daskpath.errors import InvalidInputError
 from daskpath.similarity import gaussian_blur
 
 if TYPE_CHECKING:  # pragma: no cover
+    import dask.array as da
     import xarray as xr
 
 __all__ = ["DEFAULT_SIGMA", "DEFAULT_THRESHOLD", "tissue_block", "tissue_mask", "tissue_radius"]
@@ -62,12 +62,19 @@ def max_od(rgb: np.ndarray) -> np.ndarray:
     """
     if rgb.dtype != np.uint8:
         raise InvalidInputError(f"tissue: expected uint8 RGB, got {rgb.dtype}; convert to uint8")
-    from daskpath.similarity import _cv2
+    from daskpath.similarity import _STRIP, _cv2
 
     cv2 = _cv2()
     if cv2 is not None and rgb.ndim == 3 and rgb.shape[0] * rgb.shape[1] > 0:
-        r, g, b = cv2.split(np.ascontiguousarray(rgb))
-        return cv2.LUT(cv2.min(cv2.min(r, g), b), _OD_LUT.reshape(1, 256))
+        # np.minimum on channel views, strip by strip (in cache), then OpenCV's LUT: about
+        # half the time of cv2.split + cv2.min on the whole block; the same values
+        h = rgb.shape[0]
+        out = np.empty(rgb.shape[:2], np.float32)
+        lut = _OD_LUT.reshape(1, 256)
+        for a in range(0, h, _STRIP):
+            s = rgb[a : a + _STRIP]
+            out[a : a + _STRIP] = cv2.LUT(np.minimum(np.minimum(s[..., 0], s[..., 1]), s[..., 2]), lut)
+        return out
     # np.minimum on channel views: ~10x faster than rgb.min(axis=-1) on (y, x, 3)
     return _OD_LUT[np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])]
 
