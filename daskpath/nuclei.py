@@ -257,7 +257,37 @@ def _build_stardist(folder: Path | None, key: str):
                 f"unknown published StarDist model {key!r}: use one of "
                 f"{', '.join(PUBLISHED_MODELS)} or a local model folder"
             )
+    _direct_predict(m)
     return m
+
+
+def _direct_predict(model) -> None:
+    """Make StarDist's network call one cached ``tf.function`` instead of ``keras.Model.predict``.
+
+    StarDist evaluates its network through ``keras_model.predict(x[None])``. Keras 3 builds a
+    tf.data pipeline for every call, tracing its dataset functions into new TensorFlow graphs,
+    which become garbage in reference cycles. Python's cyclic GC then deletes them in
+    whatever thread triggers a collection; in a Dask worker that was the event loop thread
+    (the worker's profiler), whose TensorFlow graph destructor waited for a lock while holding
+    the GIL that the task threads needed: the worker hung with 0 % CPU (seen on a full-size
+    slide, py-spy --native: ``gc_collect_main`` -> ``PyGraph`` dealloc ->
+    ``PyThread_acquire_lock_timed`` in MainThread, every other thread waiting for the GIL).
+    One ``tf.function`` of ``keras_model(x, training=False)`` (what ``predict`` runs per batch)
+    is traced once per input shape family (``reduce_retracing``) and makes no per-call graphs;
+    the network output is the same computation, and the per-call tracing cost is gone.
+    """
+    import tensorflow as tf
+
+    km = model.keras_model
+    fn = tf.function(lambda x: km(x, training=False), reduce_retracing=True)
+
+    def predict(x, *args: Any, **kwargs: Any):  # keras' signature; batch_size etc. unused
+        out = fn(tf.convert_to_tensor(x))
+        if isinstance(out, (list, tuple)):
+            return [np.asarray(o) for o in out]
+        return np.asarray(out)
+
+    km.predict = predict
 
 
 def _spec_of(folder: Path) -> dict[str, Any]:
