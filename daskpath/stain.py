@@ -39,6 +39,7 @@ __all__ = [
     "hematoxylin_dab",
     "reconstruct_rgb",
     "estimate_stain_vectors_macenko",
+    "sample_blocks",
     "sample_pixels",
 ]
 
@@ -222,6 +223,16 @@ def reconstruct_rgb(
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
+def sample_blocks(numblocks: tuple[int, int], block_pixels: int, max_pixels: int,
+                  rng: np.random.Generator) -> list[tuple[int, int]]:
+    """The chunks :func:`sample_pixels` reads: enough ``(i, j)`` of a ``numblocks`` grid of
+    chunks holding ``block_pixels`` each for ``4 * max_pixels`` pixels (at least 4), drawn
+    from ``rng`` without replacement."""
+    blocks = list(np.ndindex(*numblocks))
+    n_blocks = min(len(blocks), max(4, int(np.ceil(4 * max_pixels / max(1, block_pixels)))))
+    return [blocks[p] for p in rng.choice(len(blocks), size=n_blocks, replace=False)]
+
+
 def sample_pixels(rgb, max_pixels: int = 200_000, seed: int = 0) -> np.ndarray:
     """A reproducible sample of up to ``max_pixels`` RGB pixels from a NumPy or dask image.
 
@@ -233,15 +244,11 @@ def sample_pixels(rgb, max_pixels: int = 200_000, seed: int = 0) -> np.ndarray:
 
     rng = np.random.default_rng(seed)
     if isinstance(rgb, da.Array):
-        blocks = list(np.ndindex(*rgb.numblocks[:2]))
         per_block = max(1, int(np.prod([c[0] for c in rgb.chunks[:2]])))
-        n_blocks = min(len(blocks), max(4, int(np.ceil(4 * max_pixels / per_block))))
-        pick = rng.choice(len(blocks), size=n_blocks, replace=False)
+        pick = sample_blocks(rgb.numblocks[:2], per_block, max_pixels, rng)
         import dask
 
-        parts = dask.compute(
-            *[rgb.blocks[blocks[i][0], blocks[i][1]].reshape(-1, rgb.shape[-1]) for i in pick]
-        )
+        parts = dask.compute(*[rgb.blocks[i, j].reshape(-1, rgb.shape[-1]) for i, j in pick])
         flat = np.concatenate(parts, axis=0)
     else:
         flat = np.asarray(rgb).reshape(-1, np.asarray(rgb).shape[-1])

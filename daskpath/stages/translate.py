@@ -156,8 +156,9 @@ def nuclei_reads(cfg, shape: tuple[int, int], kept: list[Box]) -> list[Box]:
 def percentile_blocks(cfg, shape: tuple[int, int]) -> list[Box]:
     """The blocks of the virtual IHC that the nuclei step samples for its slide-level
     normalisation (:func:`daskpath.nuclei.slide_percentiles`, and the Macenko stain vectors
-    when ``nuclei.stain_matrix: macenko``): the pick of :func:`daskpath.stain.sample_pixels`
-    (same seed and block count) over the chunks ``measure_on`` gives the image.
+    when ``nuclei.stain_matrix: macenko``): :func:`daskpath.stain.sample_blocks`, the pick of
+    :func:`daskpath.stain.sample_pixels` (same seed), over the chunks ``measure_on`` gives
+    the image.
 
     Their pixels set the normalisation of every nucleus, so where the whole-chunk translation
     translated them they are translated here too.
@@ -167,17 +168,15 @@ def percentile_blocks(cfg, shape: tuple[int, int]) -> list[Box]:
     cy, cx = _axis(h, n), _axis(w, n)
     ys = np.concatenate([[0], np.cumsum(cy)])
     xs = np.concatenate([[0], np.cumsum(cx)])
-    blocks = list(np.ndindex(len(cy), len(cx)))
-    per_block = max(1, cy[0] * cx[0])
+    from daskpath.stain import sample_blocks
+
     sizes = [2_000_000]  # slide_percentiles' max_pixels
     if cfg.nuclei.stain_matrix == "macenko":
         sizes.append(200_000)  # sample_pixels' default
     out: set[Box] = set()
     for max_pixels in sizes:
-        rng = np.random.default_rng(0)
-        k = min(len(blocks), max(4, int(np.ceil(4 * max_pixels / per_block))))
-        for p in rng.choice(len(blocks), size=k, replace=False):
-            i, j = blocks[p]
+        for i, j in sample_blocks((len(cy), len(cx)), cy[0] * cx[0], max_pixels,
+                                  np.random.default_rng(0)):
             out.add((int(ys[i]), int(ys[i + 1]), int(xs[j]), int(xs[j + 1])))
     return sorted(out)
 
