@@ -159,7 +159,7 @@ def register_tiles(
     # a tiled TIFF is read through one cache of its decoded tiles: a tile plus its halo and
     # its shifted window overlap up to 9 file tiles, shared with the neighbouring tiles of this
     # batch, each decoded once per task (other sources are read as they are)
-    he_src, ihc_src = _BlockCache.wrap(he_src, shape), _BlockCache.wrap(ihc_src, shape)
+    he_src, ihc_src = _BlockCache.wrap(he_src), _BlockCache.wrap(ihc_src)
     for i, ((y0, x0, th, tw), rigid) in enumerate(zip(tiles, rigid_ssim)):
         y0, x0, th, tw = int(y0), int(x0), int(th), int(tw)
         if min(th, tw) < 2 * max_shift + 2:  # a sliver at the slide edge: nothing to correlate
@@ -187,46 +187,24 @@ def register_tiles(
 
 
 class _BlockCache:
-    """``src[ys, xs]`` assembled from whole blocks of ``src``, each read once (per instance).
+    """``src[ys, xs]`` of a tiled TIFF level, each file tile decoded once per instance
+    (:func:`daskpath.stages.preprocess.read_region` with a tile cache); pixel-identical to
+    ``src[ys, xs]``."""
 
-    Blocks are the file's tiles for a tiled TIFF level (so a read decodes each tile once),
-    else ``block``-px squares. Reads are pixel-identical to ``src[ys, xs]``.
-    """
-
-    def __init__(self, src: Any, shape: tuple[int, int], block: tuple[int, int] = (1024, 1024)
-                 ) -> None:
-        self.src, self.shape, self.block = src, (int(shape[0]), int(shape[1])), block
-        self.cache: dict[tuple[int, int], np.ndarray] = {}
+    def __init__(self, src: Any) -> None:
+        self.src = src
+        self.tiles: dict[int, np.ndarray] = {}
 
     @classmethod
-    def wrap(cls, src: Any, shape: tuple[int, int]) -> Any:
+    def wrap(cls, src: Any) -> Any:
         """A cache over the tiles of a tiled TIFF level; any other source unchanged."""
         from daskpath.stages.preprocess import _tiff_level
 
-        fast = _tiff_level(src)
-        return cls(src, shape, (fast[1].tilelength, fast[1].tilewidth)) if fast else src
-
-    def _get(self, by: int, bx: int) -> np.ndarray:
-        from daskpath.stages.preprocess import read_region
-
-        b = self.cache.get((by, bx))
-        if b is None:
-            (th, tw), (h, w) = self.block, self.shape
-            b = read_region(self.src, by * th, min(h, (by + 1) * th), bx * tw, min(w, (bx + 1) * tw))
-            self.cache[by, bx] = b
-        return b
+        return cls(src) if _tiff_level(src) is not None else src
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        ys, xs = key
-        y0, y1, x0, x1 = int(ys.start), int(ys.stop), int(xs.start), int(xs.stop)
-        th, tw = self.block
-        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
-        for by in range(y0 // th, -(-y1 // th)):
-            for bx in range(x0 // tw, -(-x1 // tw)):
-                b = self._get(by, bx)
-                ya, yb = max(y0, by * th), min(y1, (by + 1) * th)
-                xa, xb = max(x0, bx * tw), min(x1, (bx + 1) * tw)
-                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = b[ya - by * th : yb - by * th,
-                                                             xa - bx * tw : xb - bx * tw]
-        return out
+        from daskpath.stages.preprocess import read_region
 
+        ys, xs = key
+        return read_region(self.src, int(ys.start), int(ys.stop), int(xs.start), int(xs.stop),
+                           tiles=self.tiles)

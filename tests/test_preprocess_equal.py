@@ -96,7 +96,7 @@ def test_registration_block_cache_reads_like_the_reader(cohort):
 
     row = next(read_manifest(cohort).itertuples())
     src = region_source(open_slide(row.he))
-    cache = _BlockCache(src, (2048, 3072))
+    cache = _BlockCache(src)
     for y0, y1, x0, x1 in [(0, 700, 0, 700), (300, 1100, 500, 1600), (1500, 2048, 2900, 3072)]:
         np.testing.assert_array_equal(cache[slice(y0, y1), slice(x0, x1)],
                                       np.asarray(src[slice(y0, y1), slice(x0, x1)]))
