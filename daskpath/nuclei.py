@@ -521,6 +521,22 @@ def _concat(parts: list[pd.DataFrame]) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
+def segment_layout(ref: ModelRef, chunks: tuple[tuple[int, ...], tuple[int, ...]],
+                   shape: tuple[int, int], depth: int | None = None
+                   ) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """``(row chunks, column chunks, halo)`` :func:`segment_nuclei` uses for an image of
+    ``shape`` chunked ``chunks``: chunks aligned to multiples of the network's ``div_by`` and
+    none thinner than the halo (:func:`~daskpath._halo.align_chunks`), the halo ``depth``
+    (default :func:`default_depth`) rounded up to that multiple."""
+    from daskpath._halo import align_chunks, ceil_to
+
+    m = math.lcm(*ref.div_by)
+    depth = ceil_to(int(default_depth(ref) if depth is None else depth), m)
+    h, w = (int(v) for v in shape)
+    return (align_chunks(chunks[0], h, multiple=m, min_size=depth),
+            align_chunks(chunks[1], w, multiple=m, min_size=depth), depth)
+
+
 def segment_nuclei(
     image,
     model: str | Path | ModelRef = "phantom",
@@ -601,8 +617,6 @@ def segment_nuclei(
     import dask
     import dask.array as da
 
-    from daskpath._halo import align_chunks, ceil_to
-
     ref = resolve_model(model)
     if max_nucleus_diameter is not None:
         ref = replace(ref, max_nucleus_diameter=int(max_nucleus_diameter))
@@ -621,16 +635,10 @@ def segment_nuclei(
             dab = da.asarray(dab)
         if dab.shape != image.shape[:2]:
             raise InvalidInputError(f"dab channel shape {dab.shape} != image shape {image.shape[:2]}")
-    m = math.lcm(*ref.div_by)
-    if depth is None:
-        depth = default_depth(ref)
-    if depth < 0:
+    if depth is not None and depth < 0:
         raise InvalidInputError(f"depth must be >= 0 px (or None for the default), got {depth}")
-    depth = ceil_to(int(depth), m)
     H, W = image.shape[:2]
-    # chunks: multiples of the network's div_by, none thinner than the halo (one rule: _halo)
-    cy = align_chunks(image.chunks[0], H, multiple=m, min_size=depth)
-    cx = align_chunks(image.chunks[1], W, multiple=m, min_size=depth)
+    cy, cx, depth = segment_layout(ref, image.chunks[:2], (H, W), depth)
     image = image.rechunk((cy, cx) + ((image.shape[2],) if image.ndim == 3 else ()))
     if dab is not None:
         dab = dab.rechunk((cy, cx))

@@ -122,9 +122,13 @@ def chunk_boxes(rects: list[Box], chunk: Box, snap, halo: int) -> list[Box]:
     return boxes
 
 
-def _axis(length: int, chunk: int) -> list[int]:
-    n, r = divmod(length, chunk)
-    return [chunk] * n + ([r] if r or not n else [])
+def _grid(cfg, shape: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The chunks ``measure_on`` gives the nuclei step's image (``nuclei.chunk_size or
+    tiles.size`` squares), as ``dask`` lays them out."""
+    from dask.array.core import normalize_chunks
+
+    n = int(cfg.nuclei.chunk_size or cfg.tiles.size)
+    return normalize_chunks((n, n), tuple(int(v) for v in shape))
 
 
 def nuclei_reads(cfg, shape: tuple[int, int], kept: list[Box]) -> list[Box]:
@@ -133,18 +137,10 @@ def nuclei_reads(cfg, shape: tuple[int, int], kept: list[Box]) -> list[Box]:
     lays them out for :func:`~daskpath.stages.nuclei.measure_on`: chunks of
     ``nuclei.chunk_size or tiles.size`` aligned to the model's ``div_by``, halo
     :func:`~daskpath.nuclei.default_depth`)."""
-    import math
+    from daskpath.nuclei import chunks_in_region, resolve_model, segment_layout
 
-    from daskpath._halo import align_chunks, ceil_to
-    from daskpath.nuclei import chunks_in_region, default_depth, resolve_model
-
-    ref = resolve_model(cfg.nuclei.model)
-    m = math.lcm(*ref.div_by)
-    depth = ceil_to(int(default_depth(ref)), m)
     h, w = (int(v) for v in shape)
-    n = int(cfg.nuclei.chunk_size or cfg.tiles.size)
-    cy = align_chunks(_axis(h, n), h, multiple=m, min_size=depth)
-    cx = align_chunks(_axis(w, n), w, multiple=m, min_size=depth)
+    cy, cx, depth = segment_layout(resolve_model(cfg.nuclei.model), _grid(cfg, shape), (h, w))
     ys = np.concatenate([[0], np.cumsum(cy)])
     xs = np.concatenate([[0], np.cumsum(cx)])
     wanted = chunks_in_region(ys, xs, kept)
@@ -163,9 +159,7 @@ def percentile_blocks(cfg, shape: tuple[int, int]) -> list[Box]:
     Their pixels set the normalisation of every nucleus, so where the whole-chunk translation
     translated them they are translated here too.
     """
-    h, w = (int(v) for v in shape)
-    n = int(cfg.nuclei.chunk_size or cfg.tiles.size)
-    cy, cx = _axis(h, n), _axis(w, n)
+    cy, cx = _grid(cfg, shape)
     ys = np.concatenate([[0], np.cumsum(cy)])
     xs = np.concatenate([[0], np.cumsum(cx)])
     from daskpath.stain import sample_blocks
