@@ -438,16 +438,6 @@ def predict_pixels_rf(he: Any, model: str | os.PathLike[str] = "phantom"):
                       drop_axis=2, name=f"rf-classes-{tokenize(he, str(folder), spec.to_json())}")
 
 
-def _count_block(classes: np.ndarray, rects: np.ndarray) -> np.ndarray:
-    """``(k, 2)`` int64: nucleus and positive pixels of each local rect ``y0, y1, x0, x1``."""
-    out = np.zeros((len(rects), 2), np.int64)
-    for i, (y0, y1, x0, x1) in enumerate(rects):
-        c = classes[y0:y1, x0:x1]
-        out[i, 1] = np.count_nonzero(c == 2)
-        out[i, 0] = out[i, 1] + np.count_nonzero(c == 1)
-    return out
-
-
 def _count_rects(block: np.ndarray, folder: str, rects: np.ndarray) -> np.ndarray:
     """``(k, 2)`` int64 nucleus and positive pixels of each rect ``y0, y1, x0, x1`` (in
     ``block``'s pixels), classifying only the rects: ``block`` is a chunk with its halo, so each
