@@ -730,7 +730,7 @@ def _labels_array(path: str, shape: tuple[int, int], chunks: tuple[int, int]) ->
 
 
 def write_class_labels(labels_store: str | os.PathLike[str], classes_store: str | os.PathLike[str],
-                       table: pd.DataFrame, *, compute: bool = True):
+                       table: pd.DataFrame, *, compute: bool = True, from_pyramid: bool = False):
     """The Ki67 class label image of a nucleus label image: 1 = negative, 2 = positive.
 
     Parameters
@@ -746,7 +746,13 @@ def write_class_labels(labels_store: str | os.PathLike[str], classes_store: str 
     table : pandas.DataFrame
         The nuclei table (columns ``id``, ``positive``), e.g. from :func:`measure_nuclei`.
     compute : bool
-        ``False``: return a Delayed that writes level 0 chunk by chunk, then the pyramid.
+        ``False``: return a Delayed that writes the class image (submit it to a cluster).
+    from_pyramid : bool
+        ``True``: the pyramid of ``labels_store`` is complete (:func:`daskpath.ome.build_pyramid`),
+        so every level of the class image is mapped from the same level of the nucleus ids, all
+        levels in parallel. ``False`` (default): level 0 is mapped, then the class pyramid is
+        built from it in one task. Both give the same pixels: a label pyramid level is level 0
+        taken every ``2**k`` pixels, and so is the class of its ids.
 
     Returns
     -------
@@ -765,36 +771,69 @@ def write_class_labels(labels_store: str | os.PathLike[str], classes_store: str 
     idv = table["id"].to_numpy(np.int64)
     order = np.argsort(idv, kind="stable")
     lut = dask.delayed((idv[order], np.where(pos[order], 2, 1).astype(np.uint8)), pure=True)
-    cy, cx = ids.chunks
-    fn = dask.delayed(_class_chunk, pure=True)
-    parts = [fn(str(labels_store), str(classes_store), (y0, min(y0 + cy, ids.shape[0]), x0,
-                                                        min(x0 + cx, ids.shape[1])), lut)
-             for y0 in range(0, ids.shape[0], cy) for x0 in range(0, ids.shape[1], cx)]
-    task = dask.delayed(ome.pyramid_after, pure=False)(parts, str(classes_store))
+    levels = [0]
+    if from_pyramid:
+        n_src, n_dst = (len(ome.describe(p)["levels"]) for p in (labels_store, classes_store))
+        shapes = [ome.open_level(labels_store, k).shape for k in range(n_src)]
+        if n_src == n_dst and all(ome.open_level(classes_store, k).shape == shapes[k]
+                                  for k in range(n_dst)):
+            levels = list(range(n_dst))
+    fn = dask.delayed(_class_band, pure=True)
+    parts = []
+    for k in levels:  # one task per row of chunks: whole chunks, one writer each
+        z = ome.open_level(labels_store, k)
+        cy, h = z.chunks[0], z.shape[0]
+        parts += [fn(str(labels_store), str(classes_store), (y0, min(y0 + cy, h)), lut, k)
+                  for y0 in range(0, h, cy)]
+    if len(levels) > 1:
+        task = dask.delayed(_first, pure=False)(str(classes_store), parts)
+    else:
+        task = dask.delayed(ome.pyramid_after, pure=False)(parts, str(classes_store))
     if compute:
         task.compute()
         return None
     return task
 
 
-def _class_chunk(labels_store: str, classes_store: str, region: tuple[int, int, int, int],
-                 lut: tuple[np.ndarray, np.ndarray]) -> None:
-    """One zarr chunk of :func:`write_class_labels` (skips chunks without nuclei)."""
+def _class_band(labels_store: str, classes_store: str, rows: tuple[int, int],
+                lut: tuple[np.ndarray, np.ndarray], level: int = 0) -> None:
+    """Rows ``rows`` (one row of zarr chunks, whole chunks, one writer each) of
+    :func:`write_class_labels` at ``level``. A band without nuclei writes nothing, and zarr
+    does not store the all-background chunks of the others (they read as fill, 0)."""
     from daskpath import ome
 
-    y0, y1, x0, x1 = region
-    ids = np.asarray(ome.open_level(labels_store, 0)[y0:y1, x0:x1])
+    y0, y1 = rows
+    ids = np.asarray(ome.open_level(labels_store, level)[y0:y1])
     nz = np.flatnonzero(ids)
     if not len(nz):
         return
-    sorted_ids, classes = lut  # ids ascending, their class (1 negative, 2 positive)
     out = np.zeros(ids.size, np.uint8)
-    if len(sorted_ids):
-        v = ids.ravel()[nz]
-        i = np.minimum(np.searchsorted(sorted_ids, v), len(sorted_ids) - 1)
-        hit = sorted_ids[i] == v  # ids absent from the table stay 0
-        out[nz[hit]] = classes[i[hit]]
-    ome.write_region(classes_store, y0, x0, out.reshape(ids.shape))
+    out[nz] = _classes_of(ids.ravel()[nz], *lut)
+    ome.open_level(classes_store, level, mode="r+")[y0:y1] = out.reshape(ids.shape)
+
+
+def _classes_of(v: np.ndarray, sorted_ids: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """The class of each nucleus id in ``v`` (0 for ids absent from ``sorted_ids``).
+
+    The ids of a band of rows lie in a narrow range (an id is its centroid's grid cell,
+    row-major), so the table's ids in that range become a dense lookup table indexed by
+    ``id - min``; a range too wide for that (over 64 M ids) falls back to a binary search per
+    pixel.
+    """
+    out = np.zeros(len(v), np.uint8)
+    if not len(sorted_ids) or not len(v):
+        return out
+    lo, hi = int(v.min()), int(v.max())
+    a, b = np.searchsorted(sorted_ids, lo, "left"), np.searchsorted(sorted_ids, hi, "right")
+    if hi - lo < (1 << 26):
+        dense = np.zeros(hi - lo + 1, np.uint8)
+        # reversed: with repeated ids the first row wins, as with searchsorted below
+        dense[sorted_ids[a:b][::-1] - lo] = classes[a:b][::-1]
+        return dense[v - lo]
+    i = np.minimum(np.searchsorted(sorted_ids, v), len(sorted_ids) - 1)
+    hit = sorted_ids[i] == v  # ids absent from the table stay 0
+    out[hit] = classes[i[hit]]
+    return out
 
 
 def _segment_chunk(img, dab, *, labels_store: str | None, core: tuple[int, int, int, int],

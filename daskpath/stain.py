@@ -185,9 +185,9 @@ def deconvolve_dask(rgb, stain_matrix: StainMatrix | np.ndarray | None = None):
     )
 
 
-def _one_stain(rgb: np.ndarray, sm: StainMatrix, idx: tuple[int, ...]) -> np.ndarray:
-    conc = deconvolve(rgb, sm)
-    return conc[..., list(idx)].sum(axis=-1, dtype=np.float32)
+def _stains(rgb: np.ndarray, sm: StainMatrix, idx: tuple[int, ...]) -> np.ndarray:
+    """The concentrations ``idx`` of one RGB block, stacked on a last axis (one deconvolution)."""
+    return deconvolve(rgb, sm)[..., list(idx)]
 
 
 def hematoxylin_dab(rgb, stain_matrix: StainMatrix | np.ndarray | None = None):
@@ -205,10 +205,11 @@ def hematoxylin_dab(rgb, stain_matrix: StainMatrix | np.ndarray | None = None):
 
     if isinstance(rgb, da.Array):
         rgb = _rgb_chunks(rgb)
-        kw = dict(dtype=np.float32, drop_axis=2, meta=np.empty((0, 0), np.float32))
-        h = rgb.map_blocks(_one_stain, sm, (ih,), **kw)
-        dab = rgb.map_blocks(_one_stain, sm, (idab,), **kw)
-        return h, dab
+        # one deconvolution per chunk gives both channels
+        hd = rgb.map_blocks(_stains, sm, (ih, idab), dtype=np.float32,
+                            chunks=rgb.chunks[:2] + ((2,),),
+                            meta=np.empty((0, 0, 0), np.float32))
+        return hd[..., 0], hd[..., 1]
     conc = deconvolve(rgb, sm)
     return conc[..., ih].copy(), conc[..., idab].copy()
 

@@ -377,3 +377,45 @@ def test_model_stage_layers_are_ngff(small_cohort, dask_client, tmp_path) -> Non
                                       np.where(np.isin(lab[in_table], list(pos)), 2, 1))
         assert not cls[lab == 0].any()
         np.testing.assert_array_equal(ome.read_image(labels, 1), lab[::2, ::2])
+
+
+def test_class_labels_from_the_label_pyramid_equal_the_class_pyramid(tmp_path) -> None:
+    """write_class_labels(from_pyramid=True) maps every level of the ids; the default maps
+    level 0 and builds the class pyramid from it: same pixels at every level, and level 0 is
+    the class of each id in the table (ids absent from the table stay 0)."""
+    from daskpath.nuclei import _classes_of, write_class_labels
+
+    rng = np.random.default_rng(3)
+    shape, chunks = (1100, 2300), (256, 512)  # levels 2300, 1150, 575 px wide
+    lab = np.zeros(shape, np.int32)
+    ncols = shape[1] // 2
+    for _ in range(900):  # square "nuclei" with grid-cell ids as segment_nuclei makes them
+        y, x = int(rng.integers(0, shape[0] - 9)), int(rng.integers(0, shape[1] - 9))
+        lab[y:y + 9, x:x + 9] = (y + 4) // 2 * ncols + (x + 4) // 2 + 1
+    ids = np.unique(lab[lab > 0])
+    table = pd.DataFrame({"id": ids[ids % 7 != 0],  # some painted ids have no table row
+                          "positive": rng.random(int((ids % 7 != 0).sum())) < 0.4})
+    src = tmp_path / "labels.zarr"
+    ome.create_labels(src, shape, chunks=chunks, mpp=0.5, dtype=np.int32)
+    ome.write_region(src, 0, 0, lab)
+    ome.build_pyramid(src)
+    write_class_labels(src, tmp_path / "a.zarr", table)
+    task = write_class_labels(src, tmp_path / "b.zarr", table, from_pyramid=True, compute=False)
+    assert not any("pyramid_after" in str(k) for k in dict(task.dask))  # levels mapped, not built
+    task.compute()
+    levels = ome.describe(src)["levels"]
+    assert len(levels) == 3
+    for k in range(len(levels)):
+        np.testing.assert_array_equal(ome.read_image(tmp_path / "a.zarr", k),
+                                      ome.read_image(tmp_path / "b.zarr", k))
+    want = np.zeros(shape, np.uint8)
+    pos = table.loc[table.positive, "id"].to_numpy()
+    want[np.isin(lab, table["id"].to_numpy())] = 1
+    want[np.isin(lab, pos)] = 2
+    np.testing.assert_array_equal(ome.read_image(tmp_path / "b.zarr"), want)
+    # the binary-search path (ids spread over more than the dense table's range) agrees
+    sorted_ids = np.array([5, 9, 1 << 27, (1 << 27) + 3], np.int64)
+    classes = np.array([1, 2, 2, 1], np.uint8)
+    v = np.array([9, 5, 6, 1 << 27, (1 << 27) + 3, (1 << 27) + 1, 9], np.int64)
+    np.testing.assert_array_equal(_classes_of(v, sorted_ids, classes), [2, 1, 0, 2, 1, 0, 2])
+    np.testing.assert_array_equal(_classes_of(v[:3], sorted_ids, classes), [2, 1, 0])

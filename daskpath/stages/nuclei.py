@@ -95,8 +95,9 @@ def finish_labels(ctx: SlideContext, labels: Path, table: pd.DataFrame, suffix: 
         mpp = ctx.pair()[suffix].attrs.get("mpp") if suffix in ("he", "ihc") else None
         ome.set_mpp(labels, mpp)
     classes = label_stores(ctx.work, suffix)[1]
-    ctx.compute([ome.build_pyramid(labels, compute=False),
-                 write_class_labels(labels, classes, table, compute=False)])
+    ctx.compute([ome.build_pyramid(labels, compute=False)])
+    # every level of the classes from the same level of the ids, in parallel
+    ctx.compute([write_class_labels(labels, classes, table, compute=False, from_pyramid=True)])
 
 
 def measure_on(ctx: SlideContext, image, suffix: str, source: str) -> pd.DataFrame:
