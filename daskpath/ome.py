@@ -443,22 +443,20 @@ def _down(block: np.ndarray, kind: str) -> np.ndarray:
     return s.astype(block.dtype)
 
 
-def _halve(arr: da.Array, kind: str, out_chunks: tuple[int, int]) -> da.Array:
-    """Lazy pyramid step: blocks of 2x the output chunks, each halved by :func:`_down`."""
-    lead = arr.shape[:-2]
-    src = arr.rechunk(tuple(lead) + (2 * out_chunks[0], 2 * out_chunks[1]))
-    chunks = tuple((n,) for n in lead) + tuple(
-        tuple((c + 1) // 2 for c in cs) for cs in src.chunks[-2:])
-    return src.map_blocks(_down, kind, chunks=chunks, dtype=arr.dtype,
-                          meta=np.empty((0,) * arr.ndim, arr.dtype))
+#: Columns of a pyramid task, in chunks of the level it writes (bounds a task's memory: a
+#: 1024-px chunk grid reads 2048 x 16384 px of the level below).
+PYRAMID_TASK_CHUNKS = 8
 
 
 def build_pyramid(path: PathLike, *, compute: bool = True) -> Delayed | None:
     """Fill levels 1..n of the NGFF image at ``path`` from its level 0.
 
-    Level ``k + 1`` is computed from level ``k`` (2x2 mean; stride for label images) in one
-    dask graph that reads level 0 once; each task writes whole chunks of one level, so no
-    lock is needed. Run it after level 0 is complete.
+    Level ``k + 1`` is computed from level ``k`` (2x2 mean; stride for label images). One task
+    writes one row of chunks of a level, up to :data:`PYRAMID_TASK_CHUNKS` chunks wide (whole
+    chunks, so no lock is needed), from the rows of the level below that the tasks of that
+    level wrote before it (its dependencies); level 0 is read once. Run it after level 0 is
+    complete. The pixels are those of halving the whole level at once (the blocks are
+    even-aligned; an odd last row or column is edge-padded, as :func:`_down` does).
 
     Parameters
     ----------
@@ -469,31 +467,58 @@ def build_pyramid(path: PathLike, *, compute: bool = True) -> Delayed | None:
         to a cluster); ``True``: compute it with the current scheduler and return ``None``.
     """
     import dask
-    import dask.array as da
 
     g = _open_group(path, "r")
     attrs = dict(g.attrs)
     ome = attrs["ome"]
     kind = "labels" if "image-label" in ome else attrs.get("daskpath", {}).get("kind", "rgb")
     comps = [d["path"] for d in ome["multiscales"][0]["datasets"]]
-    arrays = [open_level(path, k, mode="r+" if k else "r") for k in range(len(comps))]
+    arrays = [open_level(path, k, mode="r") for k in range(len(comps))]
     if len(arrays) == 1:
         return None if compute else dask.delayed(None)
-    cur = da.from_zarr(arrays[0])
-    sources, targets = [], []
-    for z in arrays[1:]:
-        cur = _halve(cur, kind, tuple(z.chunks[-2:]))
-        if cur.shape != z.shape:  # pragma: no cover - create_image makes matching shapes
-            raise SlideError(f"{path}: pyramid level shape {z.shape} does not halve "
-                             f"{cur.shape}: recreate the image with daskpath.ome.create_image")
-        cur = cur.rechunk(z.chunks)
-        sources.append(cur)
-        targets.append(z)
-    out = _stored(da.store(sources, targets, lock=False, compute=False))
+    fn = dask.delayed(_pyramid_block, pure=False)
+    prev: dict[tuple[int, int], Any] = {}  # (row, column) origin -> task, level below
+    prev_grid: tuple[int, int] = (0, 0)  # its task grid (rows, columns per task)
+    parts = []
+    for k in range(1, len(arrays)):
+        src, dst = arrays[k - 1], arrays[k]
+        (hs, ws), (h, w) = src.shape[-2:], dst.shape[-2:]
+        if (h, w) != ((hs + 1) // 2, (ws + 1) // 2):  # pragma: no cover - create_image
+            raise SlideError(f"{path}: pyramid level shape {dst.shape} does not halve "
+                             f"{src.shape}: recreate the image with daskpath.ome.create_image")
+        cy, cx = dst.chunks[-2:]
+        gx = cx * PYRAMID_TASK_CHUNKS
+        cur = {}
+        for y0 in range(0, h, cy):
+            for x0 in range(0, w, gx):
+                y1, x1 = min(y0 + cy, h), min(x0 + gx, w)
+                sy0, sy1, sx0, sx1 = 2 * y0, min(2 * y1, hs), 2 * x0, min(2 * x1, ws)
+                deps = [] if k == 1 else [
+                    t for (ry, rx), t in prev.items()
+                    if ry < sy1 and ry + prev_grid[0] > sy0 and rx < sx1 and rx + prev_grid[1] > sx0]
+                cur[(y0, x0)] = fn(str(path), k, (y0, y1, x0, x1), kind, deps)
+        parts += list(cur.values())
+        prev, prev_grid = cur, (cy, gx)
+    out = dask.delayed(_done, pure=False)(parts)
     if compute:
         out.compute()
         return None
     return out
+
+
+def _pyramid_block(path: str, level: int, region: tuple[int, int, int, int], kind: str,
+                   _deps: Any) -> None:
+    """Task body of :func:`build_pyramid`: ``region`` (y0, y1, x0, x1) of ``level`` from the
+    level below (its 2x larger region, read once)."""
+    y0, y1, x0, x1 = region
+    src = open_level(path, level - 1)
+    hs, ws = src.shape[-2:]
+    lead = (slice(None),) * (src.ndim - 2)
+    block = np.asarray(src[lead + (slice(2 * y0, min(2 * y1, hs)), slice(2 * x0, min(2 * x1, ws)))])
+    out = _down(block, kind)
+    if out.shape[-2:] != (y1 - y0, x1 - x0):  # pragma: no cover - shapes halve by construction
+        raise SlideError(f"{path}: pyramid block {out.shape} for region {region} of level {level}")
+    open_level(path, level, mode="r+")[lead + (slice(y0, y1), slice(x0, x1))] = out
 
 
 def _stored(arrays: Any) -> Delayed:

@@ -419,3 +419,31 @@ def test_class_labels_from_the_label_pyramid_equal_the_class_pyramid(tmp_path) -
     v = np.array([9, 5, 6, 1 << 27, (1 << 27) + 3, (1 << 27) + 1, 9], np.int64)
     np.testing.assert_array_equal(_classes_of(v, sorted_ids, classes), [2, 1, 0, 2, 1, 0, 2])
     np.testing.assert_array_equal(_classes_of(v[:3], sorted_ids, classes), [2, 1, 0])
+
+
+@pytest.mark.parametrize("kind,dtype,channels", [("rgb", np.uint8, 3), ("labels", np.int32, 0),
+                                                 ("float", np.float32, 2)])
+def test_pyramid_tasks_equal_halving_whole_levels(tmp_path, monkeypatch, kind, dtype,
+                                                  channels) -> None:
+    """build_pyramid's row-of-chunks tasks (here 2 chunks wide, odd shapes, chunks that do not
+    divide the levels) give the pixels of halving each whole level at once."""
+    monkeypatch.setattr(ome, "PYRAMID_TASK_CHUNKS", 2)
+    rng = np.random.default_rng(5)
+    shape2 = (2101, 3333)
+    shape = shape2 if kind == "labels" else (channels,) + shape2
+    if kind == "labels":
+        img = rng.integers(0, 50, shape2).astype(dtype)
+        p = ome.create_labels(tmp_path / "l.zarr", shape2, chunks=(300, 280), mpp=0.5, dtype=dtype)
+    else:
+        img = (rng.random(shape) * 255).astype(dtype)
+        p = ome.create_image(tmp_path / "i.zarr", shape2, kind=kind, chunks=(300, 280), mpp=0.5,
+                             dtype=dtype, channels=[f"c{i}" for i in range(channels)]
+                             if kind != "rgb" else None)
+    ome.write_region(p, 0, 0, img)
+    ome.build_pyramid(p)
+    n = len(ome.describe(p)["levels"])
+    assert n >= 3
+    want = img
+    for k in range(1, n):
+        want = ome._down(want, kind)
+        np.testing.assert_array_equal(ome.read_image(p, k, channel_last=False), want)
