@@ -548,7 +548,7 @@ class TiffLevelReader:
             if self.axes in ("YXS", "YXC"):
                 block = np.asarray(arr[ys, xs])
             else:  # SYX / CYX: planar configuration
-                block = np.moveaxis(np.asarray(arr[:3, ys, xs]), 0, -1)
+                block = _interleave(np.asarray(arr[:3, ys, xs]))
         except SlideError:
             raise
         except Exception as exc:
@@ -557,6 +557,24 @@ class TiffLevelReader:
                 f"{ys.start}:{ys.stop} cols {xs.start}:{xs.stop} failed ({type(exc).__name__}: "
                 f"{_one_line(exc)}): re-copy or re-export the slide") from None
         return np.ascontiguousarray(block[..., :3][..., cs], dtype=np.uint8)
+
+
+def _interleave(planar: np.ndarray) -> np.ndarray:
+    """A planar ``(c, h, w)`` block as a contiguous ``(h, w, c)`` array (the same pixels).
+
+    OpenCV's ``merge`` for uint8 with up to 4 channels (~25x faster than NumPy's transposing
+    copy of an RGB chunk), NumPy otherwise.
+    """
+    planar = np.asarray(planar)
+    if planar.dtype == np.uint8 and planar.ndim == 3 and 1 <= planar.shape[0] <= 4 \
+            and planar.shape[1] and planar.shape[2]:
+        from daskpath.similarity import _cv2
+
+        cv2 = _cv2()
+        if cv2 is not None:
+            out = cv2.merge([np.ascontiguousarray(c) for c in planar])
+            return out.reshape(planar.shape[1:] + (planar.shape[0],))
+    return np.ascontiguousarray(np.moveaxis(planar, 0, -1))
 
 
 @dataclass(frozen=True)
@@ -578,7 +596,7 @@ class ZarrLevelReader:
             if self.axes == "YXS":
                 block = np.asarray(arr[ys, xs, :3])
             else:
-                block = np.moveaxis(np.asarray(arr[:3, ys, xs]), 0, -1)
+                block = _interleave(np.asarray(arr[:3, ys, xs]))
         except Exception as exc:
             raise SlideError(
                 f"{self.path} is corrupt or truncated: reading rows {ys.start}:{ys.stop} cols "
@@ -1040,7 +1058,9 @@ def _build(meta: _Meta, chunks: tuple[int, int], level: int) -> xr.DataArray:
         else:
             data = da.from_zarr(meta.path, component=zpath,
                                 chunks=(meta.samples, chunks[0], chunks[1]))
-            data = data.transpose(1, 2, 0)
+            # (y, x, c) blocks, contiguous: what every consumer reads pixel by pixel
+            data = da.blockwise(_interleave, "yxc", data, "cyx", dtype=data.dtype,
+                                meta=np.empty((0, 0, 0), data.dtype))
         if meta.samples != 3:
             data = data[..., :3]
         source = ZarrLevelReader(str(meta.path), zpath, "YXS" if meta.axes == "YXS" else "SYX")

@@ -156,9 +156,10 @@ def register_tiles(
     wdt = np.dtype(ssim_dtype).type
     h, w = shape
     out = np.empty((len(tiles), 4), dtype=np.float64)
-    # a tiled TIFF is read through one cache of its decoded tiles: a tile plus its halo and
-    # its shifted window overlap up to 9 file tiles, shared with the neighbouring tiles of this
-    # batch, each decoded once per task (other sources are read as they are)
+    # a tiled TIFF or an ingested slide is read through one cache of its decoded tiles / zarr
+    # chunks: a tile plus its halo and its shifted window overlap up to 9 of them, shared with
+    # the neighbouring tiles of this batch, each decoded once per task (other sources are read
+    # as they are)
     he_src, ihc_src = _BlockCache.wrap(he_src), _BlockCache.wrap(ihc_src)
     for i, ((y0, x0, th, tw), rigid) in enumerate(zip(tiles, rigid_ssim)):
         y0, x0, th, tw = int(y0), int(x0), int(th), int(tw)
@@ -187,9 +188,9 @@ def register_tiles(
 
 
 class _BlockCache:
-    """``src[ys, xs]`` of a tiled TIFF level, each file tile decoded once per instance
-    (:func:`daskpath.stages.preprocess.read_region` with a tile cache); pixel-identical to
-    ``src[ys, xs]``."""
+    """``src[ys, xs]`` of a tiled TIFF level or an ingested (zarr) slide, each file tile or zarr
+    chunk decoded once per instance (:func:`daskpath.stages.preprocess.read_region` with a
+    tile cache); pixel-identical to ``src[ys, xs]``."""
 
     def __init__(self, src: Any) -> None:
         self.src = src
@@ -197,10 +198,11 @@ class _BlockCache:
 
     @classmethod
     def wrap(cls, src: Any) -> Any:
-        """A cache over the tiles of a tiled TIFF level; any other source unchanged."""
-        from daskpath.stages.preprocess import _tiff_level
+        """A cache over the tiles of a tiled TIFF level or the chunks of an ingested (zarr)
+        slide; any other source unchanged."""
+        from daskpath.stages.preprocess import _tiff_level, _zarr_level
 
-        return cls(src) if _tiff_level(src) is not None else src
+        return cls(src) if _tiff_level(src) is not None or _zarr_level(src) is not None else src
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         from daskpath.stages.preprocess import read_region

@@ -401,3 +401,47 @@ def test_chunk_size_with_flat_raster_and_bad_ingest_chunks(
             io.ingest(files["png"], tmp_path / "bad.ome.zarr", chunk_size=bad)  # type: ignore
     out = io.ingest(files["png"], tmp_path / "odd.ome.zarr", chunk_size=336)  # 21 x 16
     np.testing.assert_array_equal(io.open_slide(out).values, rgb)
+
+
+def test_ingested_reads_interleave_planar_chunks_exactly(files: dict[str, Path], rgb: np.ndarray,
+                                                       tmp_path: Path) -> None:
+    """An ingested (planar c, y, x) slide reads as contiguous (y, x, 3) blocks, through dask
+    and through its region reader, with the chunk-cached region reads of preprocessing and
+    registration (each zarr chunk read once) equal to plain reads, at the edges too."""
+    from daskpath.stages.preprocess import _zarr_level, read_region
+
+    out = io.ingest(files["png"], tmp_path / "p.ome.zarr", chunk_size=256)
+    slide = io.open_slide(out, chunk_size=384)
+    blk = slide.data.blocks[1, 0].compute()
+    assert blk.flags.c_contiguous and blk.shape[-1] == 3
+    np.testing.assert_array_equal(slide.values, rgb)
+    src = io.region_source(slide)
+    assert type(src).__name__ == "ZarrLevelReader" and _zarr_level(src) is not None
+    h, w = rgb.shape[:2]
+    cache: dict[int, np.ndarray] = {}
+    rng = np.random.default_rng(0)
+    regions = [(0, h, 0, w), (h - 7, h, w - 300, w), (5, 6, 0, 1)] + [
+        tuple(int(v) for v in (*sorted(rng.integers(0, h, 2)), *sorted(rng.integers(0, w, 2))))
+        for _ in range(20)]
+    for y0, y1, x0, x1 in regions:
+        if y0 == y1 or x0 == x1:
+            continue
+        got = read_region(src, y0, y1, x0, x1, tiles=cache)
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got, rgb[y0:y1, x0:x1])
+        np.testing.assert_array_equal(src[y0:y1, x0:x1], rgb[y0:y1, x0:x1])
+    assert cache and all(b.shape[-1] == 3 for b in cache.values())
+    assert len(cache) == len({(y // 256, x // 256) for y in range(0, h, 256) for x in range(0, w, 256)})
+
+
+def test_interleave_equals_numpy() -> None:
+    from daskpath.io import _interleave
+
+    rng = np.random.default_rng(1)
+    for shape, dtype in [((3, 5, 7), np.uint8), ((1, 4, 4), np.uint8), ((4, 3, 2), np.uint8),
+                         ((3, 0, 5), np.uint8), ((3, 4, 5), np.float32), ((5, 2, 2), np.uint8)]:
+        a = (rng.random(shape) * 200).astype(dtype)
+        got = _interleave(a[:, ::-1] if shape[1] else a)  # a strided view too
+        want = np.moveaxis(a[:, ::-1] if shape[1] else a, 0, -1)
+        assert got.flags.c_contiguous and got.dtype == dtype
+        np.testing.assert_array_equal(got, want)
