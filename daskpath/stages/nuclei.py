@@ -17,6 +17,7 @@ outlines in slide pixels.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ def measure_on(ctx: SlideContext, image, suffix: str, source: str) -> pd.DataFra
     """
     from daskpath.cluster import check_runnable, model_annotations
     from daskpath.monitor import count
-    from daskpath.nuclei import measure_nuclei, tile_ratios, tile_sums, write_geojson
+    from daskpath.nuclei import measure_nuclei, tile_ratios, tile_sums
     from daskpath.outputs import write_json
     from daskpath.resume import count_records
 
@@ -138,12 +139,20 @@ def measure_on(ctx: SlideContext, image, suffix: str, source: str) -> pd.DataFra
     ctx.note_chunks(*count_records(table))
     # progress: the nuclei on a virtual IHC on their own line (translate.nuclei)
     (df,) = ctx.compute([table], label=None if suffix == "ihc" else f"{ctx.stage}.nuclei")
-    if labels is not None:  # OME-NGFF: pixel size, Ki67 classes, pyramids
-        finish_labels(ctx, labels, df, suffix)
     df = df.copy()
     attrs = dict(df.attrs)
     df.insert(0, "source", source)
     df.insert(0, "slide", ctx.slide)
+    mpp = ctx.pair().attrs.get("mpp")
+    # the client writes the GeoParquet and GeoJSON tables (~30 s for 330k nuclei) while the
+    # cluster builds the label images from the same table
+    with ThreadPoolExecutor(1, thread_name_prefix="daskpath-nuclei-files") as pool:
+        files = pool.submit(_write_tables, df, ctx.work, mpp)
+        try:
+            if labels is not None:  # OME-NGFF: pixel size, Ki67 classes, pyramids
+                finish_labels(ctx, labels, df, suffix)
+        finally:
+            files.result()  # waits; re-raises a failed write
     count("nuclei_found", len(df))
     ratios = tile_ratios(df, tiles, suffix=suffix)
     cols = [f"ratio_{suffix}", f"ki67_index_{suffix}"]
@@ -155,9 +164,15 @@ def measure_on(ctx: SlideContext, image, suffix: str, source: str) -> pd.DataFra
     # what was used (method, model, stain vectors, DAB threshold, normalisation, halo)
     write_json(attrs | {"slide": ctx.slide, "source": source, "nuclei": int(len(df))},
                ctx.work / "nuclei.json")
-    write_nuclei_parquet(df, ctx.work / "nuclei.parquet")
-    write_geojson(df, ctx.work / "nuclei.geojson", mpp=ctx.pair().attrs.get("mpp"))
     return part
+
+
+def _write_tables(df: pd.DataFrame, work: Path, mpp: float | None) -> None:
+    """The nuclei table as GeoParquet and GeoJSON in the stage's work folder."""
+    from daskpath.nuclei import write_geojson
+
+    write_nuclei_parquet(df, work / "nuclei.parquet")
+    write_geojson(df, work / "nuclei.geojson", mpp=mpp)
 
 
 def write_nuclei_parquet(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
