@@ -101,6 +101,21 @@ def test_rf_fast_features_equal_skimage(small_he):
     assert np.mean(a != b) <= 1e-4  # measured: 0 of 1.2 M pixels differ
 
 
+def test_rf_gradient_is_numpys_bit_for_bit():
+    """Optimisation (issue 12): the OpenCV gradient of the Hessian features is np.gradient."""
+    from daskpath.baselines.rf import _gradient
+
+    rng = np.random.default_rng(4)
+    for shape in [(300, 411), (2, 9), (9, 2), (5, 5)]:
+        g = (rng.random(shape) * 3 - 1).astype(np.float32) ** 3
+        for axis in (0, 1):
+            got = _gradient(g, axis)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, np.gradient(g, axis=axis))
+            np.testing.assert_array_equal(_gradient(g[::-1, ::-1], axis),
+                                          np.gradient(g[::-1, ::-1], axis=axis))
+
+
 @needs_sklearn
 def test_rf_heldout_phantom_slide(heldout):
     from daskpath.baselines import predict_tiles_rf

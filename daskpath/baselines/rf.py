@@ -228,8 +228,9 @@ def _fast_features(ch: np.ndarray, spec: RFSpec) -> np.ndarray:
     Per channel, per sigma (skimage's order): the Gaussian (``mode="nearest"``, truncate 4:
     ``BORDER_REPLICATE``), its Sobel magnitude (``ndi.convolve`` with ``[1, 0, -1] x [1, 2,
     1] / 4``, ``mode="reflect"``: ``BORDER_REFLECT``; ``sqrt(gy² + gx²) / sqrt(2)``), and the
-    two Hessian eigenvalues from ``np.gradient`` of the Gaussian (larger first), exactly as
-    :func:`skimage.feature.hessian_matrix_eigvals` computes them.
+    two Hessian eigenvalues from ``np.gradient`` of the Gaussian (larger first, the gradients
+    by :func:`_gradient`, bit-identical), exactly as :func:`skimage.feature.hessian_matrix_eigvals`
+    computes them.
     """
     import cv2
 
@@ -253,16 +254,42 @@ def _fast_features(ch: np.ndarray, spec: RFSpec) -> np.ndarray:
                 np.multiply(cv2.magnitude(gx, gy), inv_sqrt2, out=buf[k])
                 k += 1
             if spec.texture:
-                dy, dx = np.gradient(g, axis=0), np.gradient(g, axis=1)
-                m00 = np.gradient(dy, axis=0)
-                m01 = np.gradient(dy, axis=1)
-                m11 = np.gradient(dx, axis=1)
+                dy, dx = _gradient(g, 0), _gradient(g, 1)
+                m00 = _gradient(dy, 0)
+                m01 = _gradient(dy, 1)
+                m11 = _gradient(dx, 1)
                 half = (m00 + m11) / 2
                 hsqrtdet = np.sqrt(m01**2 + ((m00 - m11) / 2) ** 2)
                 np.add(half, hsqrtdet, out=buf[k])
                 np.subtract(half, hsqrtdet, out=buf[k + 1])
                 k += 2
     return np.ascontiguousarray(buf.transpose(1, 2, 0))
+
+
+def _gradient(a: np.ndarray, axis: int) -> np.ndarray:
+    """``np.gradient(a, axis=axis)`` of a float32 image, bit for bit, with OpenCV.
+
+    Inside, ``(a[i+1] - a[i-1]) / 2`` as a 3-tap filter ``[-0.5, 0, 0.5]`` (each product is a
+    power-of-two scaling, so the one rounding of the sum is NumPy's); at the two borders
+    NumPy's one-sided differences ``a[1] - a[0]`` and ``a[-1] - a[-2]``. 2-3x faster than
+    ``np.gradient`` on a strip.
+    """
+    import cv2
+
+    if a.dtype != np.float32 or a.ndim != 2 or min(a.shape) < 2:
+        return np.gradient(a, axis=axis)
+    a = np.ascontiguousarray(a)
+    k = np.array([-0.5, 0.0, 0.5], np.float32)
+    one = np.ones(1, np.float32)
+    if axis == 0:
+        out = cv2.sepFilter2D(a, cv2.CV_32F, one, k, borderType=cv2.BORDER_REPLICATE)
+        np.subtract(a[1], a[0], out=out[0])
+        np.subtract(a[-1], a[-2], out=out[-1])
+    else:
+        out = cv2.sepFilter2D(a, cv2.CV_32F, k, one, borderType=cv2.BORDER_REPLICATE)
+        np.subtract(a[:, 1], a[:, 0], out=out[:, 0])
+        np.subtract(a[:, -1], a[:, -2], out=out[:, -1])
+    return out
 
 
 def classify_image(rgb: np.ndarray, clf: Any, spec: RFSpec, *, core: tuple[int, int, int, int] | None = None
