@@ -577,6 +577,17 @@ def _interleave(planar: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(planar, 0, -1))
 
 
+def interleaved(planar: Any) -> Any:
+    """A planar ``(c, y, x)`` dask array (an NGFF image level) as ``(y, x, c)`` whose blocks
+    are contiguous (:func:`_interleave` per block), not the strided views of a lazy
+    ``transpose``: every consumer (colour deconvolution, the StarDist halo, the RF features)
+    reads them pixel by pixel, ~30 % faster on contiguous blocks for the nuclei stage."""
+    import dask.array as da
+
+    return da.blockwise(_interleave, "yxc", planar, "cyx", dtype=planar.dtype,
+                        meta=np.empty((0, 0, 0), planar.dtype))
+
+
 @dataclass(frozen=True)
 class ZarrLevelReader:
     """Picklable, array-like view of one level of an (OME-)Zarr slide as RGB ``(y, x, 3)`` uint8.
@@ -1058,9 +1069,7 @@ def _build(meta: _Meta, chunks: tuple[int, int], level: int) -> xr.DataArray:
         else:
             data = da.from_zarr(meta.path, component=zpath,
                                 chunks=(meta.samples, chunks[0], chunks[1]))
-            # (y, x, c) blocks, contiguous: what every consumer reads pixel by pixel
-            data = da.blockwise(_interleave, "yxc", data, "cyx", dtype=data.dtype,
-                                meta=np.empty((0, 0, 0), data.dtype))
+            data = interleaved(data)
         if meta.samples != 3:
             data = data[..., :3]
         source = ZarrLevelReader(str(meta.path), zpath, "YXS" if meta.axes == "YXS" else "SYX")

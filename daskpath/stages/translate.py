@@ -270,7 +270,7 @@ class TranslateStage(Stage):
         from daskpath import ome
         from daskpath.cluster import check_runnable, model_annotations
         from daskpath.errors import InvalidInputError
-        from daskpath.io import region_source
+        from daskpath.io import interleaved, region_source
         from daskpath.translate.inference import translator
 
         cfg = ctx.cfg
@@ -314,7 +314,7 @@ class TranslateStage(Stage):
                  "exact" if tr.exact_boxes else "whole-chunk")
         ctx.compute(tasks)
         ctx.compute([ome.build_pyramid(vpath, compute=False)])  # level 0 complete
-        image = da.from_zarr(ome.open_level(vpath, 0)).transpose(1, 2, 0)  # (y, x, 3)
+        image = interleaved(da.from_zarr(ome.open_level(vpath, 0)))  # (y, x, 3), contiguous
         part = measure_on(ctx, image, "virtual", "virtual")
         sim = self._similarity(ctx, image, ds["ihc"].data, tiles, keep)
         part["ssim_virtual"] = sim[:, 0]
