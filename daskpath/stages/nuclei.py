@@ -151,8 +151,10 @@ def measure_on(ctx: SlideContext, image, suffix: str, source: str) -> pd.DataFra
         try:
             if labels is not None:  # OME-NGFF: pixel size, Ki67 classes, pyramids
                 finish_labels(ctx, labels, df, suffix)
-        finally:
-            files.result()  # waits; re-raises a failed write
+        except BaseException:
+            files.exception()  # wait for the writer; the cluster's error is the one to report
+            raise
+        files.result()  # re-raises a failed write
     count("nuclei_found", len(df))
     ratios = tile_ratios(df, tiles, suffix=suffix)
     cols = [f"ratio_{suffix}", f"ki67_index_{suffix}"]
