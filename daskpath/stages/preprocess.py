@@ -36,6 +36,8 @@ from daskpath.publish import Artefact
 from daskpath.stages import SlideContext, Stage
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+
     import pandas as pd
 
 __all__ = [
@@ -342,37 +344,52 @@ def read_region(src: Any, y0: int, y1: int, x0: int, x1: int,
     with ``tiles`` is assembled from whole zarr chunks, kept in ``tiles`` the same way.
     """
     fast = _tiff_level(src)
-    if fast is None and tiles is not None and y0 < y1 and x0 < x1:
-        z = _zarr_level(src)
-        if z is not None:
-            return _zarr_region(src, z, y0, y1, x0, x1, tiles)
-    if fast is None or y0 >= y1 or x0 >= x1:
+    grid = _zarr_level(src) if fast is None and tiles is not None else None
+    if (fast is None and grid is None) or y0 >= y1 or x0 >= x1:
         return np.asarray(src[slice(y0, y1), slice(x0, x1)])
+    if grid is not None:  # an ingested slide: whole zarr chunks through the reader
+        h, w, ch, cw = grid
+        return _assemble(y0, y1, x0, x1, (ch, cw), -(-w // cw), tiles, lambda by, bx, _: src[
+            slice(by * ch, min(h, (by + 1) * ch)), slice(bx * cw, min(w, (bx + 1) * cw))])
     tf, page, lock = fast
+    fh = tf.filehandle
+
+    def decode(_by: int, _bx: int, idx: int) -> np.ndarray:
+        with lock:
+            fh.seek(page.dataoffsets[idx])
+            data = fh.read(page.databytecounts[idx])
+        tile = page.decode(data, idx, jpegtables=page.jpegtables)[0]
+        return tile.reshape(tile.shape[-3:])
+
     try:
-        th, tw = page.tilelength, page.tilewidth
-        across = -(-page.imagewidth // tw)
-        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
-        fh = tf.filehandle
-        for ty in range(y0 // th, -(-y1 // th)):
-            for tx in range(x0 // tw, -(-x1 // tw)):
-                idx = ty * across + tx
-                tile = tiles.get(idx) if tiles is not None else None
-                if tile is None:
-                    with lock:
-                        fh.seek(page.dataoffsets[idx])
-                        data = fh.read(page.databytecounts[idx])
-                    tile = page.decode(data, idx, jpegtables=page.jpegtables)[0]
-                    tile = tile.reshape(tile.shape[-3:])
-                    if tiles is not None:
-                        tiles[idx] = tile
-                ya, yb = max(y0, ty * th), min(y1, (ty + 1) * th)
-                xa, xb = max(x0, tx * tw), min(x1, (tx + 1) * tw)
-                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = tile[
-                    ya - ty * th : yb - ty * th, xa - tx * tw : xb - tx * tw, :3]
-        return out
+        return _assemble(y0, y1, x0, x1, (page.tilelength, page.tilewidth),
+                         -(-page.imagewidth // page.tilewidth), tiles, decode)
     except Exception:  # noqa: BLE001 - the reader reads again and names the problem
         return np.asarray(src[slice(y0, y1), slice(x0, x1)])
+
+
+def _assemble(y0: int, y1: int, x0: int, x1: int, block: tuple[int, int], across: int,
+              cache: dict[int, np.ndarray] | None,
+              read: Callable[[int, int, int], np.ndarray]) -> np.ndarray:
+    """``[y0:y1, x0:x1]`` as ``(h, w, 3)`` uint8 from a grid of ``block``-sized blocks
+    (``across`` per row): ``read(by, bx, index)`` gives block ``(by, bx)`` (its first 3
+    channels are used), kept in ``cache`` by index when given, so overlapping reads read
+    each block once."""
+    bh, bw = block
+    out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+    for by in range(y0 // bh, -(-y1 // bh)):
+        for bx in range(x0 // bw, -(-x1 // bw)):
+            idx = by * across + bx
+            blk = cache.get(idx) if cache is not None else None
+            if blk is None:
+                blk = read(by, bx, idx)
+                if cache is not None:
+                    cache[idx] = blk
+            ya, yb = max(y0, by * bh), min(y1, (by + 1) * bh)
+            xa, xb = max(x0, bx * bw), min(x1, (bx + 1) * bw)
+            out[ya - y0 : yb - y0, xa - x0 : xb - x0] = blk[
+                ya - by * bh : yb - by * bh, xa - bx * bw : xb - bx * bw, :3]
+    return out
 
 
 def _zarr_level(src: Any) -> tuple[int, int, int, int] | None:
@@ -391,28 +408,6 @@ def _zarr_level(src: Any) -> tuple[int, int, int, int] | None:
     except Exception:  # noqa: BLE001 - the reader reads again and names the problem
         return None
     return int(h), int(w), int(ch), int(cw)
-
-
-def _zarr_region(src: Any, grid: tuple[int, int, int, int], y0: int, y1: int, x0: int, x1: int,
-                 chunks: dict[int, np.ndarray]) -> np.ndarray:
-    """``src[y0:y1, x0:x1]`` of an ingested (zarr) slide assembled from its whole zarr chunks,
-    each read once through the reader and kept in ``chunks`` by index (so overlapping reads,
-    e.g. a tile, its halo and its shifted window, decode each chunk once)."""
-    h, w, ch, cw = grid
-    out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
-    across = -(-w // cw)
-    for cy in range(y0 // ch, -(-y1 // ch)):
-        for cx in range(x0 // cw, -(-x1 // cw)):
-            idx = cy * across + cx
-            blk = chunks.get(idx)
-            if blk is None:
-                blk = src[slice(cy * ch, min(h, (cy + 1) * ch)), slice(cx * cw, min(w, (cx + 1) * cw))]
-                chunks[idx] = blk
-            ya, yb = max(y0, cy * ch), min(y1, (cy + 1) * ch)
-            xa, xb = max(x0, cx * cw), min(x1, (cx + 1) * cw)
-            out[ya - y0:yb - y0, xa - x0:xb - x0] = blk[ya - cy * ch:yb - cy * ch,
-                                                        xa - cx * cw:xb - cx * cw]
-    return out
 
 
 def preprocess_halo(
