@@ -820,9 +820,8 @@ def _classes_of(v: np.ndarray, sorted_ids: np.ndarray, classes: np.ndarray) -> n
     ``id - min``; a range too wide for that (over 64 M ids) falls back to a binary search per
     pixel.
     """
-    out = np.zeros(len(v), np.uint8)
     if not len(sorted_ids) or not len(v):
-        return out
+        return np.zeros(len(v), np.uint8)
     lo, hi = int(v.min()), int(v.max())
     a, b = np.searchsorted(sorted_ids, lo, "left"), np.searchsorted(sorted_ids, hi, "right")
     if hi - lo < (1 << 26):
@@ -832,6 +831,7 @@ def _classes_of(v: np.ndarray, sorted_ids: np.ndarray, classes: np.ndarray) -> n
         return dense[v - lo]
     i = np.minimum(np.searchsorted(sorted_ids, v), len(sorted_ids) - 1)
     hit = sorted_ids[i] == v  # ids absent from the table stay 0
+    out = np.zeros(len(v), np.uint8)
     out[hit] = classes[i[hit]]
     return out
 
