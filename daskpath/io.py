@@ -1399,13 +1399,9 @@ def _downsample2(block: np.ndarray) -> np.ndarray:
     h, w = block.shape[:2]
     if h % 2 or w % 2:
         block = np.pad(block, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    s = block[0::2, 0::2].astype(np.uint16)  # one half-size uint16 temporary, in place after
-    s += block[1::2, 0::2]
-    s += block[0::2, 1::2]
-    s += block[1::2, 1::2]
-    s += 2
-    s >>= 2
-    return s.astype(np.uint8)
+    from daskpath import ome
+
+    return ome.mean2x2_u8(block, channel_last=True)
 
 
 class _PyramidWriter:
@@ -1468,8 +1464,8 @@ def ingest(src: PathLike, dst: PathLike | None = None, chunk_size: int = DEFAULT
     ``(3, chunk_size, chunk_size)``; levels ``"1"``, ``"2"``, ... halve each side (2x2 mean,
     rounded; an odd last row/column is replicated) until the largest side fits one chunk; axes
     ``c, y, x`` with the ``space`` axes in micrometres (scale ``mpp * 2**level``) when the pixel
-    size is known; ``omero`` RGB rendering metadata. Pixels are copied losslessly (zarr's
-    default zstd). ``attributes.daskpath.source_identity`` records the source's size, mtime and
+    size is known; ``omero`` RGB rendering metadata. Pixels are copied losslessly (zstd level
+    1, :data:`daskpath.ome.ZSTD_LEVEL`). ``attributes.daskpath.source_identity`` records the source's size, mtime and
     a hash of its first and last MiB: a run whose manifest names the source uses this ingest
     (beside the source as ``<stem>.ome.zarr``, or in ``cache_dir``) instead of ingesting again
     while the source is unchanged. :func:`open_slide` still returns ``(y, x, c)``.

@@ -29,6 +29,13 @@ for an array already in memory or in dask. :func:`describe` reports what a store
 When the pixel size is unknown (``mpp=None``) the space axes carry no unit and level 0 has
 scale 1.0 (pixels); :func:`describe` says so.
 
+Every array is compressed with zstd at level 1 (:data:`ZSTD_LEVEL`), not zarr's default 3:
+measured on an 8192² RGB slide in 1024² chunks, 0.9 vs 2.3 CPU-s to compress (reading back
+0.41 vs 0.58 CPU-s) for 126 vs 101 MB. Image arrays (with a channel axis) opened for writing
+skip zarr's check for chunks equal to the fill value (``write_empty_chunks``): their chunks
+are written whole and almost never equal it, and the check cost ~6 ms per 3 MB chunk, more
+than compressing it. Label images keep the check (background chunks stay unwritten).
+
 The metadata is written here as plain JSON rather than through ome-zarr-py's
 ``write_multiscales_metadata`` / ``write_label_metadata``: the latter (0.18) leaves ``version``
 out of the ``labels`` group, which NGFF 0.5 requires and ome-zarr-models rejects, and neither
@@ -51,6 +58,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da
     import zarr
     from dask.delayed import Delayed
+
+#: zstd level of every array daskpath writes (zarr's default is 3; see the module docstring)
+ZSTD_LEVEL = 1
 
 __all__ = [
     "NGFF_VERSION",
@@ -241,6 +251,7 @@ def create_image(
         ``path``.
     """
     import zarr
+    from zarr.codecs import ZstdCodec
 
     if kind not in ("rgb", "float", "labels"):
         raise InvalidInputError(f"NGFF image kind must be 'rgb', 'float' or 'labels', got {kind!r}")
@@ -271,12 +282,13 @@ def create_image(
     p = Path(path)
     group = zarr.open_group(str(p), mode="w" if overwrite else "w-", zarr_format=3)
     nc = len(channels)
+    codec = ZstdCodec(level=ZSTD_LEVEL)
     for k, (h, w) in enumerate(shapes):
         if kind == "labels":
-            group.create_array(str(k), shape=(h, w), chunks=(cy, cx),
+            group.create_array(str(k), shape=(h, w), chunks=(cy, cx), compressors=codec,
                                dtype=dtype, fill_value=fill_value, dimension_names=("y", "x"))
         else:
-            group.create_array(str(k), shape=(nc, h, w), chunks=(nc, cy, cx),
+            group.create_array(str(k), shape=(nc, h, w), chunks=(nc, cy, cx), compressors=codec,
                                dtype=dtype, fill_value=fill_value,
                                dimension_names=("c", "y", "x"))
     ms: dict[str, Any] = {
@@ -388,7 +400,11 @@ def set_mpp(path: PathLike, mpp: float | None) -> None:
 
 
 def open_level(path: PathLike, level: int = 0, mode: str = "r") -> zarr.Array:
-    """The zarr array of pyramid ``level`` of the NGFF image at ``path``."""
+    """The zarr array of pyramid ``level`` of the NGFF image at ``path``.
+
+    Opened for writing, an image array (with a channel axis) writes chunks equal to the fill
+    value too (``write_empty_chunks``; see the module docstring).
+    """
     import zarr
 
     g = _open_group(path, "r")
@@ -398,7 +414,10 @@ def open_level(path: PathLike, level: int = 0, mode: str = "r") -> zarr.Array:
     except (KeyError, IndexError):
         raise SlideError(f"{path} has no OME-NGFF level {level}: see `daskpath info {path}`"
                          ) from None
-    return zarr.open_array(str(Path(path) / component), mode=mode)  # type: ignore[arg-type]
+    arr = zarr.open_array(str(Path(path) / component), mode=mode)  # type: ignore[arg-type]
+    if mode != "r" and arr.ndim == 3:
+        arr = arr.with_config({"write_empty_chunks": True})
+    return arr
 
 
 def write_region(path: PathLike, y0: int, x0: int, block: np.ndarray, *,
@@ -418,6 +437,28 @@ def write_region(path: PathLike, y0: int, x0: int, block: np.ndarray, *,
     arr[:, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
 
 
+def mean2x2_u8(block: np.ndarray, *, channel_last: bool = False) -> np.ndarray:
+    """2x2 mean, rounded half up (``(a + b + c + d + 2) // 4``), of a uint8 block of even height
+    and width: ``(..., y, x)``, or ``(y, x, c)`` with ``channel_last``.
+
+    OpenCV's ``INTER_AREA`` resize by exactly 1/2 computes this sum in integers; ~15x faster
+    than the four strided NumPy adds (equality tested in tests/test_ome.py).
+    """
+    import cv2
+
+    if channel_last and block.ndim == 3 and block.shape[2] > 4:  # cv2 takes at most 4 channels
+        return np.stack([mean2x2_u8(block[..., k]) for k in range(block.shape[2])], axis=-1)
+    if channel_last or block.ndim == 2:
+        h, w = block.shape[:2]
+        out = cv2.resize(np.ascontiguousarray(block), (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        return out.reshape((h // 2, w // 2) + block.shape[2:])
+    # (..., y, x): the leading planes stacked as rows; y is even, so no 2x2 cell spans two planes
+    h, w = block.shape[-2:]
+    flat = np.ascontiguousarray(block).reshape(-1, w)
+    out = cv2.resize(flat, (w // 2, flat.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    return out.reshape(block.shape[:-2] + (h // 2, w // 2))
+
+
 def _down(block: np.ndarray, kind: str) -> np.ndarray:
     """One pyramid step of a block whose last two axes are (y, x)."""
     if kind == "labels":
@@ -433,7 +474,9 @@ def _down(block: np.ndarray, kind: str) -> np.ndarray:
         s += block[..., 1::2, 1::2]
         s *= 0.25
         return s.astype(block.dtype, copy=False)
-    wide = np.uint16 if block.dtype.itemsize == 1 else np.int64
+    if block.dtype == np.uint8:
+        return mean2x2_u8(block)
+    wide = np.int64
     s = block[..., 0::2, 0::2].astype(wide)
     s += block[..., 1::2, 0::2]
     s += block[..., 0::2, 1::2]

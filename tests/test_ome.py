@@ -447,3 +447,44 @@ def test_pyramid_tasks_equal_halving_whole_levels(tmp_path, monkeypatch, kind, d
     for k in range(1, n):
         want = ome._down(want, kind)
         np.testing.assert_array_equal(ome.read_image(p, k, channel_last=False), want)
+
+
+def _mean2x2_reference(b: np.ndarray) -> np.ndarray:
+    s = (b[..., 0::2, 0::2].astype(np.uint16) + b[..., 1::2, 0::2] + b[..., 0::2, 1::2]
+         + b[..., 1::2, 1::2])
+    return ((s + 2) // 4).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(3, 1024, 2048), (3, 2, 2), (1, 6, 10), (2048, 2048),
+                                   (3, 62, 38), (2, 3, 4, 6)])
+def test_mean2x2_u8_equals_the_rounded_integer_mean(shape) -> None:
+    """OpenCV's INTER_AREA halving is the rounded-half-up integer mean, bit for bit, for planar
+    (c, y, x) blocks (no 2x2 cell spans two planes), 2-D blocks and (y, x, c) with channel_last
+    (also with more channels than OpenCV takes at once); all 256 values, both rounding edges."""
+    rng = np.random.default_rng(11)
+    b = rng.integers(0, 256, shape, dtype=np.uint8)
+    b.reshape(-1)[:8] = [255, 255, 255, 254, 0, 0, 0, 2]  # sums 1019 (-> 255) and 2 (-> 1)
+    np.testing.assert_array_equal(ome.mean2x2_u8(b), _mean2x2_reference(b))
+    np.testing.assert_array_equal(ome._down(b, "rgb"), _mean2x2_reference(b))
+    if len(shape) == 3:
+        hwc = np.ascontiguousarray(np.moveaxis(b, 0, -1))
+        want = np.moveaxis(_mean2x2_reference(b), 0, -1)
+        np.testing.assert_array_equal(ome.mean2x2_u8(hwc, channel_last=True), want)
+    wide = rng.integers(0, 256, (6, 8, 7), dtype=np.uint8)
+    np.testing.assert_array_equal(ome.mean2x2_u8(wide, channel_last=True),
+                                  np.moveaxis(_mean2x2_reference(np.moveaxis(wide, -1, 0)), 0, -1))
+
+
+def test_images_are_written_with_zstd_level_1_and_every_chunk(tmp_path: Path) -> None:
+    """Arrays use zstd at ZSTD_LEVEL; an image array opened for writing stores a chunk equal to
+    the fill value (no emptiness check), a label image leaves it unwritten."""
+    p = ome.create_image(tmp_path / "i.zarr", (64, 64), kind="rgb", chunks=(32, 32))
+    a = ome.open_level(p, 0, mode="r+")
+    codecs = [c for c in a.metadata.codecs if type(c).__name__ == "ZstdCodec"]
+    assert [c.level for c in codecs] == [ome.ZSTD_LEVEL] == [1]
+    ome.write_region(p, 0, 0, np.zeros((3, 32, 32), np.uint8))
+    assert ome.open_level(p, 0).nchunks_initialized == 1
+    lab = ome.create_labels(tmp_path / "l.zarr", (64, 64), chunks=(32, 32))
+    ome.write_region(lab, 0, 0, np.zeros((32, 32), np.int32))
+    assert ome.open_level(lab, 0).nchunks_initialized == 0
+    assert ome.open_level(p, 0).config.write_empty_chunks is False  # read-only opens unchanged
