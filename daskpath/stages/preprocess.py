@@ -237,7 +237,8 @@ def chunk_kernel(
 
         origin = (y0 - core[0].start, x0 - core[1].start)
         bits = artefact_block(he, origin)[core] | artefact_block(ihc, origin)[core]
-        qc_maps = [((bits & ARTEFACT_BITS[k]) > 0).astype(np.float32) for k in ARTEFACT_KINDS]
+        # bool maps: summed as integer counts (the same float64 sums as float32 ones, 2x faster)
+        qc_maps = [(bits & ARTEFACT_BITS[k]) > 0 for k in ARTEFACT_KINDS]
     he, core_d = _narrow_halo(he, core, d)
     ihc, _ = _narrow_halo(ihc, core, d)
     t_he = tissue_block(he, tissue_threshold, tissue_sigma)[core_d]
