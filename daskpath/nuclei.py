@@ -1381,6 +1381,297 @@ def tile_ratios(
     return out
 
 
+_GEOJSON_BATCH = 16384  # features formatted and written at a time: bounds memory on huge tables
+_GEOJSON_SEP = (",", ":")
+_JSON_NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_GEOJSON_CLASS = {
+    True: '{"objectType":"detection","classification":{"name":"Positive","color":[140,80,20]},'
+          '"measurements":{',
+    False: '{"objectType":"detection","classification":{"name":"Negative","color":[70,70,200]},'
+           '"measurements":{',
+}
+_EXACT_LIMIT = 1e6  # |value| below which the bulk formatters below are exact (and tables small)
+
+
+def _json_float(v: float) -> str:
+    """``json.dumps(v)`` for a Python float: its repr, or ``NaN`` / ``Infinity`` / ``-Infinity``."""
+    s = float.__repr__(v)
+    return _JSON_NONFINITE.get(s, s)
+
+
+def _py_values(a: np.ndarray) -> list[Any]:
+    """``a``'s elements, as Python scalars when that is exact (bool, int, float dtypes)."""
+    return a.tolist() if a.dtype.kind in "biuf" else list(a)
+
+
+def _polygon_json_reference(p: Any) -> str:
+    """GeoJSON ``Polygon`` text of one flat ``(y0, x0, y1, x1, ...)`` outline, row by row."""
+    ring = np.asarray(p, np.float64).reshape(-1, 2)[:, ::-1]  # (y, x) -> (x, y)
+    ring = np.vstack([ring, ring[:1]])
+    return json.dumps({"type": "Polygon", "coordinates": [np.round(ring, 2).tolist()]},
+                      separators=_GEOJSON_SEP)
+
+
+def _decimal_words(ndigits: int, seps: Sequence[str] = ("",)) -> np.ndarray:
+    """``w[10**ndigits * s + f]``: 8 bytes, ``"."`` and the ``ndigits`` decimals of ``f``
+    (``0 <= f < 10**ndigits``; trailing zeros dropped, one kept), then ``seps[s]``; left-aligned,
+    unused bytes 0."""
+    size = 10**ndigits
+    f = np.arange(size)
+    b = np.zeros((len(seps), size, 8), np.uint8)
+    b[:, :, 0] = ord(".")
+    keep = np.full(size, ndigits)
+    for i in range(1, ndigits):
+        keep -= f % 10**i == 0
+    for i in range(ndigits):
+        b[:, :, 1 + i] = np.where(i < keep, (f // 10 ** (ndigits - 1 - i)) % 10 + ord("0"), 0)
+    for s, sep in enumerate(seps):
+        for i, c in enumerate(sep.encode()):
+            b[s, np.arange(size), 1 + keep + i] = c
+    return b.view(np.uint64).reshape(-1)
+
+
+_POLYGON_DECIMALS = _decimal_words(2, (",", "],[", ""))  # after x, after y, after the last y
+_MEASUREMENT_DECIMALS: dict[int, np.ndarray] = {}
+
+
+class _GeojsonCache:
+    """What :func:`write_geojson` reuses across rows and batches."""
+
+    def __init__(self, mpp: Any) -> None:
+        self.area = _AreaText(mpp)
+        self._digits = np.zeros(0, np.uint64)
+
+    def digit_words(self, qmax: int) -> np.ndarray:
+        """``w[2 q + s]`` for ``0 <= q <= qmax < 10**7``: 8 bytes, ``q``'s decimal digits
+        right-aligned, ``"-"`` before them if ``s``; unused bytes 0."""
+        if len(self._digits) < 2 * (qmax + 1):
+            qmax = max(qmax, 2 * (len(self._digits) // 2), 1023)  # grow geometrically
+            qs = np.arange(qmax + 1)
+            b = np.zeros((qmax + 1, 2, 8), np.uint8)
+            b[:, :, 7] = (qs % 10 + ord("0"))[:, None]
+            width = np.ones(qmax + 1, np.intp)
+            j, p10 = 1, 10
+            while p10 <= qmax:
+                has = qs >= p10
+                b[:, :, 7 - j] = np.where(has, (qs // p10) % 10 + ord("0"), 0)[:, None]
+                width += has
+                j, p10 = j + 1, p10 * 10
+            b[qs, 1, 7 - width] = ord("-")
+            self._digits = b.view(np.uint64).reshape(-1)
+        return self._digits
+
+
+class _AreaText(dict):
+    """Integer area -> ``"area_px":...[,"area_um2":...]`` JSON text, computed once per value."""
+
+    def __init__(self, mpp: Any) -> None:
+        super().__init__()
+        self.mpp = mpp
+
+    def __missing__(self, a: Any) -> str:
+        s = self[a] = self.text(a)
+        return s
+
+    def text(self, a: Any) -> str:
+        """The text for area ``a``, uncached."""
+        v = float(a)
+        s = '"area_px":' + _json_float(v)
+        if self.mpp:
+            # json.dumps, not _json_float: an mpp of any type behaves as in the dict json.dumps got
+            s += ',"area_um2":' + json.dumps(v * self.mpp * self.mpp)
+        return s
+
+
+def _split_words(words: np.ndarray) -> list[str]:
+    """The text of each row of ``words`` (uint64 of ASCII bytes; 0 bytes dropped; the last column
+    is overwritten with a row separator)."""
+    words[:, -1] = ord("\n")
+    return words.tobytes().translate(None, b"\0").decode("ascii").split("\n")[:-1]
+
+
+def _polygon_json_batch(a: np.ndarray, cache: _GeojsonCache) -> list[str | None]:
+    """GeoJSON ``Polygon`` texts of ``n`` flat outlines of one length, formatted in bulk.
+
+    Same text as :func:`_polygon_json_reference`. Each coordinate is ``r = np.round(v, 2)``; its
+    ``repr`` is spelled from the integer ``k = rint(100 r)`` as ``k / 100`` with trailing zeros
+    dropped (one decimal kept). That is exact when ``r`` is the double nearest ``k / 100``
+    (checked) and ``|r| < 1e6``: there doubles lie far closer together than 0.01, so no shorter
+    decimal rounds to ``r``, and repr uses no exponent.
+
+    Parameters
+    ----------
+    a : ndarray
+        ``(n, 2 m)`` float64, row ``(y0, x0, ..., y_m-1, x_m-1)``.
+    cache : _GeojsonCache
+        Digit tables.
+
+    Returns
+    -------
+    list of str or None
+        Per row, the geometry text, or None where a coordinate is not in the exact case (NaN,
+        infinite, ``|r| >= 1e6``): format those rows with :func:`_polygon_json_reference`.
+    """
+    n, size = a.shape
+    width = size + 2
+    r = np.round(a, 2).reshape(n, size // 2, 2)[:, :, ::-1]
+    r = np.concatenate([r, r[:, :1]], axis=1).reshape(n, width)  # closed ring of (x, y)
+    with np.errstate(invalid="ignore", over="ignore"):
+        k = np.rint(r * 100.0)
+        ok = (np.abs(r) < _EXACT_LIMIT) & (k / 100.0 == r)  # False for NaN and inf
+        k = np.abs(k, out=k)
+        q = np.floor(k / 100.0)
+        qmax = int(np.max(q, where=ok, initial=0.0))
+        # table indices; garbage where not ok (clipped by take), those rows are dropped
+        ia = (q * 2.0 + np.signbit(r)).astype(np.intp)  # signbit: -0.0 is written "-0.0"
+        sep = np.full(width, 100.0)
+        sep[0::2] = 0.0
+        sep[-1] = 200.0
+        ib = (k - q * 100.0 + sep).astype(np.intp)
+    # per number: its integer part and its decimals + separator; then room for a row separator
+    words = np.empty((n, 2 * width + 1), np.uint64)
+    words[:, 0:-1:2] = cache.digit_words(qmax).take(ia, mode="clip")
+    words[:, 1:-1:2] = _POLYGON_DECIMALS.take(ib, mode="clip")
+    return ['{"type":"Polygon","coordinates":[[[' + t + "]]]}" if good else None
+            for t, good in zip(_split_words(words), ok.all(axis=1).tolist())]
+
+
+def _rounded_json(v: np.ndarray, ndigits: int, cache: _GeojsonCache) -> list[str]:
+    """``json.dumps(round(float(x), ndigits))`` for each ``x`` of ``v``.
+
+    float32 columns go in bulk: ``x`` has a 24-bit significand and ``5**ndigits < 2**12``, so
+    ``x * 10**ndigits`` is exact in float64 and ``k = rint`` of it is the correctly rounded (half to
+    even) decimal that Python's ``round`` picks; ``k / 10**ndigits`` is then the float ``round``
+    returns, and its repr is ``k`` spelled with ``ndigits`` decimals (see
+    :func:`_polygon_json_batch`). Values Python writes in exponent form (below ``1e-4``), NaN,
+    infinite or ``>= 1e6`` values and other dtypes are formatted one by one.
+
+    Parameters
+    ----------
+    v : ndarray
+        A measurement column.
+    ndigits : int
+        Decimals, as for ``round``.
+    cache : _GeojsonCache
+        Digit tables.
+
+    Returns
+    -------
+    list of str
+        One JSON number per element.
+    """
+    if v.dtype != np.float32 or not 0 <= ndigits <= 5 or not len(v):
+        return [_json_float(round(float(x), ndigits)) for x in _py_values(v)]
+    scale = 10.0**ndigits
+    x = v.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        k = np.rint(x * scale)
+        ok = (np.abs(x) < _EXACT_LIMIT) & ((k == 0) | (np.abs(k) >= 10.0 ** (ndigits - 4)))
+        neg = np.signbit(k)
+        k = np.abs(k, out=k)
+        q = np.floor(k / scale)
+        qmax = int(np.max(q, where=ok, initial=0.0))
+        ia = (q * 2.0 + neg).astype(np.intp)
+        ib = (k - q * scale).astype(np.intp)
+    table = _MEASUREMENT_DECIMALS.get(ndigits)
+    if table is None:
+        table = _MEASUREMENT_DECIMALS[ndigits] = _decimal_words(ndigits)
+    words = np.empty((len(v), 3), np.uint64)
+    words[:, 0] = cache.digit_words(qmax).take(ia, mode="clip")
+    words[:, 1] = table.take(ib, mode="clip")
+    texts = _split_words(words)
+    for j in np.flatnonzero(~ok).tolist():
+        texts[j] = _json_float(round(float(v[j]), ndigits))
+    return texts
+
+
+def _stack_outlines(rows: list[Any], size: int) -> np.ndarray | None:
+    """``(len(rows), size)`` float64 of 1-D outlines of ``size`` values, None unless all are that.
+
+    The values are ``np.asarray(p, np.float64)``'s; rows that need more than a same-kind cast
+    (object, str) or are not 1-D give None, and are left to :func:`_polygon_json_reference`.
+    """
+    try:
+        a = np.concatenate(rows, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return a.reshape(len(rows), size) if a.ndim == 1 and size % 2 == 0 else None
+
+
+def _geojson_geometries(polys: np.ndarray | None, cols: dict[str, np.ndarray], start: int,
+                        stop: int, cache: _GeojsonCache) -> list[str]:
+    """GeoJSON geometry texts of rows ``start:stop`` (see :func:`write_geojson`)."""
+    nb = stop - start
+    out: list[str] = [""] * nb
+    ps = list(polys[start:stop]) if polys is not None else [None] * nb
+    groups: dict[int, list[int]] = {}
+    points = []
+    try:
+        sizes = set(map(len, ps))
+    except TypeError:  # None (or worse) among them
+        sizes = set()
+    if len(sizes) == 1 and min(sizes) >= 6:
+        groups[min(sizes)] = list(range(nb))
+    else:
+        for j, p in enumerate(ps):
+            if p is None or len(p) < 6:
+                points.append(j)
+            else:
+                groups.setdefault(len(p), []).append(j)
+    for size, idx in groups.items():
+        rows = ps if len(idx) == nb else [ps[j] for j in idx]
+        a = _stack_outlines(rows, size)
+        texts = _polygon_json_batch(a, cache) if a is not None else [None] * len(idx)
+        for j, t in zip(idx, texts):
+            # rows outside the bulk formatter's exact case (and odd sizes, which raise)
+            out[j] = t if t is not None else _polygon_json_reference(ps[j])
+    if points:
+        xs, ys = cols["x"], cols["y"]
+        for j in points:
+            x, y = round(float(xs[start + j]), 2), round(float(ys[start + j]), 2)
+            out[j] = '{"type":"Point","coordinates":[' + _json_float(x) + "," + _json_float(y) + "]}"
+    return out
+
+
+def _geojson_features(polys: np.ndarray | None, cols: dict[str, np.ndarray], start: int, stop: int,
+                      cache: _GeojsonCache) -> list[str]:
+    """One line of JSON (``"\\n"``-terminated) per feature of rows ``start:stop``."""
+    nb = stop - start
+    geoms = _geojson_geometries(polys, cols, start, stop, cache)
+    area = cache.area
+    areas = cols["area"][start:stop]
+    if areas.dtype.kind in "biu":
+        meas = [area[a] for a in areas.tolist()]
+    else:  # not cached: 0.0 == -0.0, and NaN != NaN
+        meas = [area.text(a) for a in _py_values(areas)]
+    if "dab_od" in cols:
+        dab = [',"dab_od":' + t for t in _rounded_json(cols["dab_od"][start:stop], 5, cache)]
+    else:
+        dab = [""] * nb
+    if "prob" in cols:
+        prob = [',"prob":' + t for t in _rounded_json(cols["prob"][start:stop], 4, cache)]
+    else:
+        prob = [""] * nb
+    cls = [_GEOJSON_CLASS[bool(v)] for v in _py_values(cols["positive"][start:stop])]
+    if "channel" in cols:
+        names: dict[str, str] = {}
+        chan = []
+        for v in _py_values(cols["channel"][start:stop]):
+            s = str(v)
+            t = names.get(s)
+            if t is None:
+                t = names[s] = ',"channel":' + json.dumps(s)
+            chan.append(t)
+    else:
+        chan = [""] * nb
+    if "id" in cols:
+        ids = [',"id":"' + str(int(v)) + '"' for v in _py_values(cols["id"][start:stop])]
+    else:
+        ids = [""] * nb
+    return [f'{{"type":"Feature","geometry":{g},"properties":{c}{a}{d}{p}}}{ch}}}{i}}}\n'
+            for g, c, a, d, p, ch, i in zip(geoms, cls, meas, dab, prob, chan, ids)]
+
+
 def write_geojson(df: pd.DataFrame, path: str | os.PathLike[str], *, mpp: float | None = None) -> Path:
     """Write nuclei as a GeoJSON FeatureCollection that QuPath imports as detections.
 
@@ -1390,6 +1681,10 @@ def write_geojson(df: pd.DataFrame, path: str | os.PathLike[str], *, mpp: float 
     (brown) / ``Negative`` (blue) and ``measurements`` (area in px and, with ``mpp``, in um^2;
     mean DAB OD; StarDist probability; channel). Written to a temp name and renamed, one line
     per feature, without building the whole document in memory.
+
+    Each line is ``json.dumps(feature, separators=(",", ":"))`` of the feature as a dict
+    (vertices ``np.round(., 2)``, centroid and measurements Python ``round``), but formatted in
+    batches of rows: outlines of one length are rounded and spelled together.
 
     Parameters
     ----------
@@ -1410,39 +1705,17 @@ def write_geojson(df: pd.DataFrame, path: str | os.PathLike[str], *, mpp: float 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
-    classes = {True: {"name": "Positive", "color": [140, 80, 20]},
-               False: {"name": "Negative", "color": [70, 70, 200]}}
     polys = df["polygon"].to_numpy() if "polygon" in df.columns else None
     cols = {c: df[c].to_numpy() for c in ("id", "y", "x", "area", "dab_od", "prob", "channel", "positive")
             if c in df.columns}
+    cache = _GeojsonCache(mpp)
     try:
         with open(tmp, "w") as f:
             f.write('{"type": "FeatureCollection", "features": [\n')
-            for k in range(len(df)):
-                p = polys[k] if polys is not None else None
-                if p is not None and len(p) >= 6:
-                    ring = np.asarray(p, np.float64).reshape(-1, 2)[:, ::-1]  # (y, x) -> (x, y)
-                    ring = np.vstack([ring, ring[:1]])
-                    geom = {"type": "Polygon", "coordinates": [np.round(ring, 2).tolist()]}
-                else:
-                    geom = {"type": "Point",
-                            "coordinates": [round(float(cols["x"][k]), 2), round(float(cols["y"][k]), 2)]}
-                meas = {"area_px": float(cols["area"][k])}
-                if mpp:
-                    meas["area_um2"] = float(cols["area"][k]) * mpp * mpp
-                if "dab_od" in cols:
-                    meas["dab_od"] = round(float(cols["dab_od"][k]), 5)
-                if "prob" in cols:
-                    meas["prob"] = round(float(cols["prob"][k]), 4)
-                props = {"objectType": "detection",
-                         "classification": classes[bool(cols["positive"][k])],
-                         "measurements": meas}
-                if "channel" in cols:
-                    props["channel"] = str(cols["channel"][k])
-                feat = {"type": "Feature", "geometry": geom, "properties": props}
-                if "id" in cols:
-                    feat["id"] = str(int(cols["id"][k]))
-                f.write(("," if k else "") + json.dumps(feat, separators=(",", ":")) + "\n")
+            for start in range(0, len(df), _GEOJSON_BATCH):
+                stop = min(len(df), start + _GEOJSON_BATCH)
+                lines = _geojson_features(polys, cols, start, stop, cache)
+                f.write(("," if start else "") + ",".join(lines))
             f.write("]}\n")
         os.replace(tmp, path)
     finally:
