@@ -14,7 +14,7 @@ On phantom PNGs written once per run (``daskpath.synthetic.make_cohort(layout="p
    * ``daskpath.io.ingest`` (chunk 1024): decode + zstd-compressed NGFF level 0 + pyramid.
 
    Reported in MP/s (megapixels of level 0 per second); ``ingest / vips`` > 1 means slower.
-   The peak RSS of one ingest is measured in a fresh subprocess (``ru_maxrss``; the interpreter
+   The peak RSS of one ingest is measured in a fresh subprocess (its ``VmHWM``; the interpreter
    and imports included).
 
 2. **Several PNGs** (``--files``): ingested one after the other in this process (what a run did
@@ -52,11 +52,17 @@ def _median(fn, repeats: int) -> tuple[float, list[float], float]:
     return statistics.median(times), times, statistics.median(cpus)
 
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child started from
+# this (large) process would report this process's peak as its own
 _PEAK = """
 import resource, sys
 from daskpath.io import ingest
 ingest(sys.argv[1], sys.argv[2], chunk_size=1024)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+try:
+    with open("/proc/self/status") as f:
+        print(next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")))
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
@@ -64,7 +70,7 @@ def _peak_rss_mib(png: Path, dst: Path) -> float:
     out = subprocess.run([sys.executable, "-c", _PEAK, str(png), str(dst)], check=True,
                          capture_output=True, text=True).stdout.split()[-1]
     shutil.rmtree(dst, ignore_errors=True)
-    return int(out) / 1024.0  # ru_maxrss is KiB on Linux
+    return int(out) / 1024.0  # KiB
 
 
 def _pngs(args: argparse.Namespace, root: Path) -> list[Path]:

@@ -1513,9 +1513,9 @@ def ingest(src: PathLike, dst: PathLike | None = None, chunk_size: int = DEFAULT
     PNG (decoded size 805 MB = 768 MiB; 728 MB file, one noisy channel), whole ingest (level 0
     plus 4 pyramid levels): peak RSS 481-504 MiB with chunk_size 1024 and 380-386 MiB with 512,
     of which 147 MiB is the interpreter and imports; a 16384 x 4096 PNG peaks at 450 MiB, so the
-    peak follows the band size (width x chunk_size), not the height. Throughput 22-56 MB/s of
-    decoded pixels (14-36 s) on a machine shared with other jobs (load 8-10 on 2 cores);
-    libvips decodes this PNG alone at ~110 MB/s, zarr's zstd write is the slower half.
+    peak follows the band size (width x chunk_size), not the height. On an 8192² phantom PNG
+    (2026-11-30, ``benchmarks/bench_ingest.py``): 35.9 MP/s (3.0 CPU-s) against libvips' own
+    decode at 48.4 MP/s (1.5 CPU-s); the other half is zstd (level 1) and the pyramid.
 
     The output is written to ``dst + ".partial-<pid>-<random>"`` (one per process) and renamed
     to ``dst`` only when every level and the metadata are written, so an interrupted ingest
