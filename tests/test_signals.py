@@ -75,8 +75,15 @@ def _run(config: Path) -> subprocess.CompletedProcess:
 
 
 def _chunk_records(out: Path) -> int:
-    # rglob also walks hidden folders (output_dir/.daskpath/work/...)
-    return sum(1 for _ in out.rglob("chunks/*.npz"))
+    # rglob also walks hidden folders (output_dir/.daskpath/work/...); the run renames folders
+    # (e.g. layers.zarr.creating -> layers.zarr) while this walks them: a walk that loses one
+    # is repeated
+    for _ in range(100):
+        try:
+            return sum(1 for _ in out.rglob("chunks/*.npz"))
+        except FileNotFoundError:
+            continue
+    return 0
 
 
 def _group_gone(pgid: int, timeout: float = 30) -> bool:
