@@ -446,6 +446,11 @@ def mean2x2_u8(block: np.ndarray, *, channel_last: bool = False) -> np.ndarray:
     """
     import cv2
 
+    yx = block.shape[:2] if channel_last else block.shape[-2:]
+    if 0 in yx:  # OpenCV refuses an empty image
+        half = (yx[0] // 2, yx[1] // 2)
+        return np.zeros(half + block.shape[2:] if channel_last else block.shape[:-2] + half,
+                        np.uint8)
     if channel_last and block.ndim == 3 and block.shape[2] > 4:  # cv2 takes at most 4 channels
         return np.stack([mean2x2_u8(block[..., k]) for k in range(block.shape[2])], axis=-1)
     if channel_last or block.ndim == 2:

@@ -470,6 +470,11 @@ def test_mean2x2_u8_equals_the_rounded_integer_mean(shape) -> None:
         hwc = np.ascontiguousarray(np.moveaxis(b, 0, -1))
         want = np.moveaxis(_mean2x2_reference(b), 0, -1)
         np.testing.assert_array_equal(ome.mean2x2_u8(hwc, channel_last=True), want)
+    for empty in ((0, 8, 3), (8, 0, 3)):  # e.g. a one-row band, cropped to even rows
+        assert ome.mean2x2_u8(np.zeros(empty, np.uint8), channel_last=True).shape == (
+            empty[0] // 2, empty[1] // 2, 3)
+        assert ome.mean2x2_u8(np.zeros(empty[::-1], np.uint8)).shape == (3, empty[1] // 2,
+                                                                           empty[0] // 2)
     wide = rng.integers(0, 256, (6, 8, 7), dtype=np.uint8)
     np.testing.assert_array_equal(ome.mean2x2_u8(wide, channel_last=True),
                                   np.moveaxis(_mean2x2_reference(np.moveaxis(wide, -1, 0)), 0, -1))
